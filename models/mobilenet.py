@@ -1,0 +1,108 @@
+"""ImageNet MobileNetV2 with the study's small head, frozen or fine-tuned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+from models.params import ParamError, get_choice, get_float, get_int
+
+HEAD_DEFAULTS: dict[str, Any] = {"fc1": 400, "fc2": 100, "dropout": 0.05, "head_input": "features"}
+FROZEN_DEFAULTS: dict[str, Any] = dict(HEAD_DEFAULTS)
+FINETUNE_DEFAULTS: dict[str, Any] = {**HEAD_DEFAULTS, "fc1": 200, "backbone_lr_factor": 0.1}
+HEAD_INPUTS = ("features", "logits")
+FEATURE_WIDTH = {"features": 1280, "logits": 1000}
+IMAGENET_WEIGHTS = "imagenet"
+
+
+class WeightsError(Exception):
+    """Pretrained weights could not be had; str(e) says which and how to fix it."""
+
+
+def load_mobilenet_v2(weights: str | Path | None) -> nn.Module:
+    """torchvision's MobileNetV2 with `weights`: "imagenet" (downloaded once), a state-dict file, or None (random)."""
+    if weights is None or str(weights) == "none":
+        return mobilenet_v2(weights=None)
+    if str(weights) == IMAGENET_WEIGHTS:
+        try:
+            return mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad download fails its hash check
+            raise WeightsError(
+                f"could not download MobileNetV2 ImageNet weights into {torch.hub.get_dir()}/checkpoints "
+                f"({error.__class__.__name__}: {error}); connect to the internet and run again, "
+                f"or pass --weights PATH to a local torchvision state dict"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; pass --weights imagenet, none, or an existing file")
+    model = mobilenet_v2(weights=None)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise WeightsError(f"{path} is not a torchvision MobileNetV2 state dict: {first_line}") from None
+    return model
+
+
+class MobileNetBackbone(nn.Module):
+    """MobileNetV2 up to its 1,280 pooled features, or (as the study did) up to its 1,000 ImageNet logits."""
+
+    def __init__(self, net: nn.Module, head_input: str) -> None:
+        super().__init__()
+        self.features = net.features
+        self.classifier = net.classifier if head_input == "logits" else None
+        self.out_features = FEATURE_WIDTH[head_input]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return self.classifier(x) if self.classifier is not None else x
+
+
+class MobileNetClassifier(nn.Module):
+    """A backbone and a trained head; a frozen backbone stays in eval mode and has no trainable parameter."""
+
+    def __init__(self, backbone: MobileNetBackbone, head: nn.Module, frozen: bool, backbone_lr_factor: float = 1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.frozen = frozen
+        self.backbone_lr_factor = backbone_lr_factor
+        if frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "MobileNetClassifier":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # frozen means frozen batch-norm statistics too
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_head(params: dict[str, Any], in_features: int, num_classes: int) -> nn.Module:
+    """Linear(in, fc1), ReLU, Dropout, Linear(fc1, fc2), ReLU, Dropout, Linear(fc2, classes)."""
+    fc1, fc2 = get_int(params, "fc1", 1), get_int(params, "fc2", 1)
+    dropout = get_float(params, "dropout", 0.0, 1.0, high_open=True)
+    return nn.Sequential(
+        nn.Linear(in_features, fc1),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(fc1, fc2),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(fc2, num_classes),
+    )
+
+
+def build_mobilenet(params: dict[str, Any], num_classes: int, weights: str | Path | None, frozen: bool) -> MobileNetClassifier:
+    head_input = get_choice(params, "head_input", HEAD_INPUTS)
+    factor = 1.0 if frozen else get_float(params, "backbone_lr_factor", 0.0, 10.0)
+    backbone = MobileNetBackbone(load_mobilenet_v2(weights), head_input)
+    head = build_head(params, backbone.out_features, num_classes)
+    return MobileNetClassifier(backbone, head, frozen=frozen, backbone_lr_factor=factor)
