@@ -1,0 +1,24 @@
+"""Datasets (STL-10, any ImageFolder) as in-memory uint8 tensors, splits, batches and batched augmentation.
+
+Knows nothing of Optuna or the models.
+"""
+
+from data.batching import batches
+from data.imageset import DataError, ImageSet
+from data.loading import DATASETS, default_data_root, load_images
+from data.splits import stratified_split
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+
+__all__ = [
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataError",
+    "ImageSet",
+    "augment",
+    "batches",
+    "default_data_root",
+    "load_images",
+    "normalize",
+    "stratified_split",
+]

@@ -1,0 +1,42 @@
+"""The in-memory dataset every model trains on: one uint8 tensor of images and one of labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+
+class DataError(Exception):
+    """A user-facing data problem; str(e) is one actionable line (folder, file, expected size, how to fix)."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 [N, 3, H, W] plus int64 labels [N], held whole so batches are plain slices.
+
+    uint8 keeps a whole dataset small enough to live on the GPU; `normalize` turns batches into float.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, indices: torch.Tensor) -> ImageSet:
+        """The images at `indices` (a copy, contiguous), e.g. the train or validation part of a split."""
+        indices = indices.to(self.images.device)
+        return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        """The same set on `device`; moving it to the GPU once makes every later batch free of copies."""
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
