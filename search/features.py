@@ -7,11 +7,14 @@ of augmented views of the training images is cached and each epoch draws one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from data import ImageSet, augment, batches, normalize
@@ -80,16 +83,26 @@ def cached_features(
         except (RuntimeError, OSError, EOFError):
             features = None  # a torn cache file is recomputed
     if features is None:
-        generator = None
-        if view is not None:
-            generator = torch.Generator(device=device).manual_seed(VIEW_SEED_BASE + view)
-        features = compute_features(backbone, images, device, flip_p, max_rotation, generator)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{id(features)}")
-            torch.save(features.cpu(), tmp)
-            tmp.replace(path)  # atomic: parallel workers never read half a file
+        features = _compute_once(backbone, images, device, path, view, flip_p, max_rotation)
     _MEMORY[key] = features
+    return features
+
+
+def _compute_once(backbone: nn.Module, images: torch.Tensor, device: torch.device, path: Path | None,
+                  view: int | None, flip_p: float, max_rotation: float) -> torch.Tensor:
+    """Compute and save features; workers that need the same file meanwhile wait for it instead of redoing it."""
+    generator = None if view is None else torch.Generator(device=device).manual_seed(VIEW_SEED_BASE + view)
+    if path is None:
+        return compute_features(backbone, images, device, flip_p, max_rotation, generator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            with contextlib.suppress(RuntimeError, OSError, EOFError):
+                return torch.load(path, map_location=device, weights_only=True)
+        features = compute_features(backbone, images, device, flip_p, max_rotation, generator)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(features.cpu(), tmp)
+        tmp.replace(path)  # atomic: readers never see half a file
     return features
 
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from models import build_model, count_trainable, format_layer_table, get_family
 from search.cli import data_config, parse_assignments
+from search.errors import UserError
 from search.pipeline import fit, load_parts, place, resolve_device
 from search.spaces import resolve_params
 from search.training import EpochMetrics, check_training_params
@@ -25,6 +26,10 @@ def format_epoch(m: EpochMetrics) -> str:
 def run_train(args: argparse.Namespace) -> int:
     family = get_family(args.model).name
     overrides = parse_assignments(args.param)
+    ranges = [k for k, v in overrides.items() if isinstance(v, (list, str)) and (isinstance(v, list) or ".." in v)]
+    if ranges:
+        raise UserError(f"train takes one value per parameter; {', '.join(ranges)} given a range or list "
+                        "(ranges are for `stl10-search search`)")
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     params = resolve_params(family, overrides)

@@ -1,0 +1,178 @@
+"""`stl10-search search` (create studies, launch workers, summarize) and `stl10-search worker`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from models import get_family, load_mobilenet_v2
+from search.cli import data_config, parse_assignments, parse_models, storage_url
+from search.errors import UserError
+from search.launcher import plan_workers, start_workers, summary_table, supervise
+from search.pipeline import load_parts, resolve_device
+from search.spaces import SPACES, build_space, load_space_file
+from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact
+from search.studies import PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields, existing_study_names
+from search.studies import load_settings, study_name
+from search.worker import work
+
+DEFAULT_N_TRIALS = 20
+DATA_OPTIONS = ("dataset", "data_root", "val_fraction", "split_seed", "image_size", "weights")
+
+
+def space_overrides(args: argparse.Namespace, families: list[str]) -> dict[str, dict[str, Any]]:
+    """Per family: the space file's table, then --param values ("lr=..." for all, "cnn.lr=..." for one)."""
+    from_file = load_space_file(args.space) if args.space else {}
+    per_family: dict[str, dict[str, Any]] = {f: dict(from_file.get(f, {})) for f in families}
+    for key, value in parse_assignments(args.param).items():
+        target, _, name = key.rpartition(".")
+        if target and target not in families:
+            raise UserError(f"--param {key}: {target} is not among the models searched ({', '.join(families)})")
+        chosen = [target] if target else [f for f in families if name in {d.name for d in SPACES[f]}]
+        if not chosen:
+            raise UserError(f"--param {key}: no model among {', '.join(families)} has a parameter {name!r}")
+        for family in chosen:
+            per_family[family][name] = value
+    for family, overrides in per_family.items():
+        build_space(family, overrides)  # a bad name, type or empty range fails here, before any storage
+    return per_family
+
+
+def check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:
+    if value is not None and value not in choices:
+        raise UserError(f"{flag} {value!r} is unknown; choose from {', '.join(choices)}")
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
+    check_choice(args.sampler, SAMPLERS, "--sampler")
+    check_choice(args.pruner, PRUNERS, "--pruner")
+    for flag, value in (("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1 second, got {value}")
+
+
+def open_from_args(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage, str]:
+    url = storage_url(args)
+    storage = open_storage(url, heartbeat_interval=args.heartbeat_interval or HEARTBEAT_INTERVAL_S,
+                           grace_period=args.grace_period or GRACE_PERIOD_S)
+    return storage, url
+
+
+def data_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, option) is not None for option in DATA_OPTIONS)
+
+
+def prepare_data(settings: StudySettings, cache_dir: Path | None) -> None:
+    """Download and decode the data once, and fetch pretrained weights, before any worker starts."""
+    config = settings.data_config(cache_dir=cache_dir)
+    load_parts(config, settings.family)
+    if get_family(settings.family).pretrained:
+        load_mobilenet_v2(config.weights_for(settings.family))
+
+
+def ensure_studies(args: argparse.Namespace, families: list[str], storage, spaces: dict[str, dict[str, Any]]
+                   ) -> list[optuna.Study]:
+    """Create each family's study, or continue it with what the command line changes."""
+    existing = set(existing_study_names(storage))
+    requested = data_fields(data_config(args)) if data_given(args) else None
+    plans = []
+    for family in families:
+        name = study_name(family, args.study_prefix)
+        if name in existing:
+            old = load_settings(optuna.load_study(study_name=name, storage=storage))
+            settings = StudySettings(
+                family=family,
+                n_trials=args.n_trials or old.n_trials,
+                sampler=args.sampler or old.sampler,
+                pruner=args.pruner or old.pruner,
+                seed=old.seed if args.seed is None else args.seed,
+                space=spaces[family] if (args.space or args.param) else old.space,
+                data=requested or old.data,
+            )
+        else:
+            settings = StudySettings(
+                family=family,
+                n_trials=args.n_trials or DEFAULT_N_TRIALS,
+                sampler=args.sampler or "tpe",
+                pruner=args.pruner or "hyperband",
+                seed=0 if args.seed is None else args.seed,
+                space=spaces[family],
+                data=requested or data_fields(data_config(args)),
+            )
+        plans.append((name, settings))
+    for _, settings in plans:
+        prepare_data(settings, args.cache_dir)
+    return [create_or_update(storage, name, settings, args.enqueue_reference) for name, settings in plans]
+
+
+def worker_arguments(args: argparse.Namespace) -> list[str]:
+    """What every launched worker needs besides the storage URL (passed in its environment)."""
+    extra = ["--study-prefix", args.study_prefix]
+    for flag, value in (("--cache-dir", args.cache_dir), ("--checkpoint-dir", args.checkpoint_dir),
+                        ("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
+        if value is not None:
+            extra += [flag, str(value)]
+    return extra
+
+
+def run_search(args: argparse.Namespace) -> int:
+    families = parse_models(args.model)
+    validate_common(args)
+    spaces = space_overrides(args, families)
+    slots = plan_workers(args.gpus, args.workers_per_gpu, args.workers)
+    storage, url = open_from_args(args)
+    studies = ensure_studies(args, families, storage, spaces)
+    print(f"storage {redact(url)}: studies {', '.join(s.study_name for s in studies)}", file=sys.stderr)
+    if not slots:
+        print("studies created; start workers with: stl10-search worker --model "
+              f"{','.join(families)} --storage URL", file=sys.stderr)
+        return 0
+    devices = ", ".join(sorted({f"GPU {s.visible_gpu}" if s.visible_gpu else "CPU" for s in slots}))
+    log_dir = Path(args.log_dir)
+    print(f"starting {len(slots)} worker(s) on {devices}; logs in {log_dir}/", file=sys.stderr)
+    processes = start_workers(slots, families, url, worker_arguments(args), log_dir)
+    interrupts = supervise(processes, studies, storage)
+    print(summary_table(studies, storage))
+    failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
+    if failed and not interrupts:
+        print(f"worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/worker-N.log",
+              file=sys.stderr)
+        return 1
+    return 130 if interrupts else 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    families = parse_models(args.model)
+    validate_common(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    storage, url = open_from_args(args)
+    names = [study_name(f, args.study_prefix) for f in families]
+    missing = [n for n in names if n not in existing_study_names(storage)]
+    if missing or args.n_trials or args.param or args.space:
+        ensure_studies(args, families, storage, space_overrides(args, families))
+    overrides = {k: v for k, v in (("cache_dir", args.cache_dir), ("data_root", args.data_root),
+                                   ("weights", args.weights)) if v is not None}
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        print(f"worker: {signal.Signals(signum).name} received; stopping after the current epoch", flush=True)
+        stop.set()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+    done = work(storage, url, names, device, stop, data_overrides=overrides, checkpoint_dir=args.checkpoint_dir)
+    print("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()), flush=True)
+    return 0

@@ -1,0 +1,152 @@
+"""Start worker processes (one or more per GPU, or on the CPU), show live progress, forward Ctrl-C, summarize."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from search.errors import UserError
+from search.studies import Counts, count_trials
+from search.storage import with_retries
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    device: str  # as the worker sees it
+    visible_gpu: str | None  # CUDA_VISIBLE_DEVICES for it, None on the CPU
+    threads: int | None
+
+
+def plan_workers(gpus: str | None, workers_per_gpu: int, cpu_workers: int | None) -> list[WorkerSlot]:
+    """Worker slots: K per named GPU (each sees only its GPU), or CPU workers sharing the cores."""
+    import torch
+
+    if workers_per_gpu < 1:
+        raise UserError(f"--workers-per-gpu must be at least 1, got {workers_per_gpu}")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus is not None and gpus.strip().lower() != "none":
+        try:
+            indices = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise UserError(f"--gpus takes GPU indices like 0,1,2; got {gpus!r}") from None
+        missing = [g for g in indices if not 0 <= g < available]
+        if missing or not indices:
+            raise UserError(f"--gpus names GPU {', '.join(map(str, missing)) or gpus!r}, which does not exist: "
+                            f"{available} GPU(s) visible")
+    else:
+        indices = list(range(available)) if gpus is None else []
+    if indices and cpu_workers is None:
+        return [WorkerSlot("cuda:0", str(g), None) for g in indices for _ in range(workers_per_gpu)]
+    count = 1 if cpu_workers is None else cpu_workers
+    if count < 0:
+        raise UserError(f"--workers must be 0 or more, got {count}")
+    threads = max(1, (os.cpu_count() or 1) // max(count, 1))
+    return [WorkerSlot("cpu", None, threads) for _ in range(count)]
+
+
+def start_workers(slots: list[WorkerSlot], models: list[str], url: str, extra_args: list[str], log_dir: Path
+                  ) -> list[subprocess.Popen]:
+    """Each worker in its own session, so a terminal's Ctrl-C reaches the launcher alone, which forwards it."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for index, slot in enumerate(slots):
+        env = dict(os.environ, STL10_SEARCH_STORAGE=url, PYTHONUNBUFFERED="1")  # no password in `ps`
+        if slot.visible_gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
+        command = [sys.executable, "-m", "search.cli", "worker", "--model", ",".join(models), "--device", slot.device,
+                   *extra_args]
+        if slot.threads:
+            command += ["--threads", str(slot.threads)]
+        log = open(log_dir / f"worker-{index}.log", "a")
+        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        log.close()
+    return processes
+
+
+def progress_line(studies: list[optuna.Study], storage) -> str:
+    parts = []
+    for study in studies:
+        counts = count_trials(storage, study)
+        best = best_value(study)
+        parts.append(f"{study.study_name}: {counts.finished}/{budget_of(study)} done, {counts.pruned} pruned, "
+                     f"{counts.failed} failed, {counts.running} running"
+                     + (f", best {best:.1%}" if best is not None else ""))
+    return " | ".join(parts)
+
+
+def budget_of(study: optuna.Study) -> int:
+    return int(study.user_attrs.get("settings", {}).get("n_trials", 0))
+
+
+def best_value(study: optuna.Study) -> float | None:
+    try:
+        return with_retries(lambda: study.best_value)
+    except ValueError:
+        return None
+
+
+def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], storage, interval: float = 2.0) -> int:
+    """Show progress until every worker exits. Ctrl-C once: workers stop after their epoch; twice: killed."""
+    interrupts = 0
+
+    def on_signal(signum, frame) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nstopping: workers finish their current epoch and queue their trial again "
+                  "(Ctrl-C again to kill them now)", file=sys.stderr, flush=True)
+            for p in processes:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        else:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    tty = sys.stderr.isatty()
+    last, last_print = "", 0.0
+    try:
+        while any(p.poll() is None for p in processes):
+            time.sleep(interval)
+            line = progress_line(studies, storage)
+            now = time.monotonic()
+            if tty:
+                print("\r" + line[: os.get_terminal_size().columns - 1].ljust(os.get_terminal_size().columns - 1),
+                      end="", file=sys.stderr, flush=True)
+            elif line != last or now - last_print > 60:
+                print(line, file=sys.stderr, flush=True)
+                last_print = now
+            last = line
+        if tty:
+            print(file=sys.stderr)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return interrupts
+
+
+def summary_table(studies: list[optuna.Study], storage) -> str:
+    rows = [("study", "finished", "complete", "pruned", "failed", "best val acc", "best trial", "search time")]
+    for study in studies:
+        counts: Counts = count_trials(storage, study)
+        trials = with_retries(lambda: study.get_trials(deepcopy=False))
+        starts = [t.datetime_start for t in trials if t.datetime_start]
+        ends = [t.datetime_complete for t in trials if t.datetime_complete]
+        span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+        best = best_value(study)
+        best_number = with_retries(lambda: study.best_trial.number) if best is not None else None
+        rows.append((study.study_name, f"{counts.finished}/{budget_of(study)}", str(counts.complete),
+                     str(counts.pruned), str(counts.failed), f"{best:.2%}" if best is not None else "-",
+                     f"#{best_number}" if best_number is not None else "-", f"{span / 60:.1f} min"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+                     for r in rows)
