@@ -75,7 +75,7 @@ def open_storage(
         return JournalStorage(JournalFileBackend(str(path)))
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise UserError(f"malformed storage URL {redact(url)!r}; expected e.g. {DEFAULT_STORAGE}, "
                         "postgresql://user:password@host/db or journal:PATH") from None
     engine_kwargs: dict = {"pool_pre_ping": True}
@@ -87,7 +87,7 @@ def open_storage(
     elif parsed.get_backend_name().startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        return RDBStorage(
+        storage = RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_interval,
@@ -100,6 +100,15 @@ def open_storage(
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
+    if parsed.get_backend_name() == "sqlite":
+        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()  # connections made so far lack the pragma
+    return storage
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    """WAL with synchronous=NORMAL: a commit no longer waits for fsync; the file cannot be corrupted by a crash."""
+    connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def is_locked_error(error: BaseException) -> bool:

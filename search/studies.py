@@ -171,10 +171,8 @@ class Counts:
 
 
 def count_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> Counts:
-    study_id = storage.get_study_id_from_name(study.study_name)
-
-    def count(state: TrialState) -> int:
-        return with_retries(lambda: storage.get_n_trials(study_id, state=state))
-
-    return Counts(count(TrialState.COMPLETE), count(TrialState.PRUNED), count(TrialState.FAIL),
-                  count(TrialState.RUNNING), count(TrialState.WAITING))
+    """Trials per state, read from the storage itself (not a worker's cache) in one query."""
+    study_id = with_retries(lambda: storage.get_study_id_from_name(study.study_name))
+    states = [t.state for t in with_retries(lambda: storage.get_all_trials(study_id, deepcopy=False))]
+    return Counts(*(states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                              TrialState.RUNNING, TrialState.WAITING)))

@@ -212,20 +212,20 @@ def work(
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 with_retries(lambda: optuna.storages.fail_stale_trials(study))
-            counts = count_trials(storage, study)
-            if counts.finished >= settings.n_trials:
-                break
-            if counts.committed >= settings.n_trials:
-                time.sleep(POLL_SECONDS)  # the rest is running elsewhere; stay to re-run it if a worker dies
-                continue
             if runner is None:
+                if count_trials(storage, study).finished >= settings.n_trials:
+                    break
                 log(f"[{name}] loading {config.dataset} at {config.size_for(settings.family)}px on {device}")
                 parts = place(load_parts(config, settings.family), device)
                 runner = TrialRunner(study, settings, parts, config, device, stop, checkpoint_dir)
             with budget_lock(storage, url, name):
-                if count_trials(storage, study).committed >= settings.n_trials:
-                    continue
-                trial = with_retries(study.ask)
+                counts = count_trials(storage, study)
+                trial = with_retries(study.ask) if counts.committed < settings.n_trials else None
+            if counts.finished >= settings.n_trials:
+                break
+            if trial is None:
+                time.sleep(POLL_SECONDS)  # the rest is running elsewhere; stay to re-run it if a worker dies
+                continue
             started = time.perf_counter()
             try:
                 with heartbeat(storage, trial):
