@@ -128,6 +128,7 @@ def prepare(
     conv = family not in ("logreg", "mlp")
     if device.type == "cuda" and conv:
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # input shapes repeat every batch: pick the fastest kernels once
     if uses_feature_cache(model):
         source = FeatureBatches(model.backbone, parts, int(params["batch_size"]), int(params["feature_views"]),
                                 float(params["flip_p"]), float(params["max_rotation"]), device, seed, config.cache_dir)
