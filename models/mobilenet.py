@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +39,17 @@ def load_mobilenet_v2(weights: str | Path | None) -> nn.Module:
             ) from None
     path = Path(weights)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; pass --weights imagenet, none, or an existing file")
+        state = "is not a file" if path.exists() else "does not exist"
+        raise WeightsError(f"weights file {path} {state}; pass --weights imagenet, none, or an existing file")
     model = mobilenet_v2(weights=None)
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    except (RuntimeError, OSError, EOFError, KeyError, TypeError, AttributeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-        raise WeightsError(f"{path} is not a torchvision MobileNetV2 state dict: {first_line}") from None
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, AttributeError, pickle.UnpicklingError) as error:
+        lines = str(error).strip().splitlines()
+        reason = f"{error.__class__.__name__}: {lines[0]}" if lines else error.__class__.__name__
+        if isinstance(error, pickle.UnpicklingError):  # e.g. torch.save(model) instead of torch.save(model.state_dict())
+            reason = "it holds pickled objects, not only tensors; save model.state_dict() instead"
+        raise WeightsError(f"{path} is not a torchvision MobileNetV2 state dict ({reason})") from None
     return model
 
 

@@ -17,7 +17,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"stl10-search: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_assignments(items: Sequence[str] | None, flag: str = "--param") -> dict[str, Any]:
@@ -60,8 +60,10 @@ def data_config(args: argparse.Namespace):
         raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if args.image_size is not None and not 8 <= args.image_size <= 1024:
         raise UserError(f"--image-size must be between 8 and 1024, got {args.image_size}")
-    if args.dataset == "imagefolder" and args.data_root is None:
-        raise UserError("--dataset imagefolder needs --data-root DIR (with DIR/train/<class>/ and DIR/test/<class>/)")
+    if args.dataset == "imagefolder" and (args.data_root is None or not args.data_root.is_dir()):
+        where = f"{args.data_root} is not a folder; " if args.data_root is not None else ""
+        raise UserError(f"{where}--dataset imagefolder needs --data-root DIR (with DIR/train/<class>/ and "
+                        "DIR/test/<class>/)")
     weights = args.weights or defaults.weights
     if weights not in ("imagenet", "none"):
         weights = str(Path(weights).expanduser().resolve())
@@ -149,11 +151,60 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     worker.add_argument("--threads", type=int, help="CPU threads for this worker (default: torch's own choice)")
     worker.set_defaults(handler="search.commands.search:run_worker")
+
+    best = commands.add_parser("best", help="retrain the best trial of each study and score it once on test")
+    best.add_argument("--model", default="all", help="all (default), or a comma-separated list of models")
+    add_storage_argument(best)
+    best.add_argument("--full-train", action="store_true", help="retrain on train+validation, not train alone")
+    best.add_argument("--force", action="store_true", help="retrain even when a result is stored")
+    best.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+    best.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    best.add_argument("--cache-dir", type=Path, help="this host's cache folder (default ~/.cache/stl10-search)")
+    best.add_argument("--data-root", type=Path, help="this host's dataset folder, if not the one the study stored")
+    best.set_defaults(handler="search.commands.results:run_best")
+
+    report = commands.add_parser("report", help="write the results of every study as Markdown, HTML, JSON and CSV")
+    report.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
+    report.add_argument("--format", default="md,html,json,csv", help="any of md,html,json,csv (default all)")
+    add_storage_argument(report)
+    report.add_argument("--cache-dir", type=Path, help="cache folder for the data pictures (default ~/.cache/stl10-search)")
+    report.set_defaults(handler="search.commands.results:run_report")
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the storage, with the weights artifacts")
+    add_storage_argument(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dashboard.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+    dashboard.set_defaults(handler="search.commands.results:run_dashboard")
+
+    run = commands.add_parser("run", help="the whole job: search, then best, then report (run again to continue)")
+    run.add_argument("--model", default="all", help="all (default), or a comma-separated list of models")
+    add_search_arguments(run)
+    run.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
+    run.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
+    run.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1)")
+    run.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
+    run.add_argument("--full-train", action="store_true", help="retrain the best trials on train+validation")
+    run.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+    run.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
+    run.set_defaults(handler="search.commands.results:run_run")
     return parser
+
+
+def quiet_optuna() -> None:
+    """Our own lines say what happens; Optuna's experimental-feature notices would only bury them."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_optuna()
     module_name, function_name = args.handler.split(":")
     try:
         import importlib

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Iterator
 
@@ -80,7 +81,7 @@ def cached_features(
     if path is not None and path.is_file():
         try:
             features = torch.load(path, map_location=device, weights_only=True)
-        except (RuntimeError, OSError, EOFError):
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
             features = None  # a torn cache file is recomputed
     if features is None:
         features = _compute_once(backbone, images, device, path, view, flip_p, max_rotation)
@@ -97,7 +98,7 @@ def _compute_once(backbone: nn.Module, images: torch.Tensor, device: torch.devic
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.is_file():
-            with contextlib.suppress(RuntimeError, OSError, EOFError):
+            with contextlib.suppress(RuntimeError, OSError, EOFError, pickle.UnpicklingError):
                 return torch.load(path, map_location=device, weights_only=True)
         features = compute_features(backbone, images, device, flip_p, max_rotation, generator)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -13,7 +13,7 @@ from search.cli import data_config, parse_assignments
 from search.errors import UserError
 from search.pipeline import fit, load_parts, place, resolve_device
 from search.spaces import resolve_params
-from search.training import EpochMetrics, check_training_params
+from search.training import Diverged, EpochMetrics, check_training_params
 
 HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'time':>6}"
 
@@ -34,8 +34,9 @@ def run_train(args: argparse.Namespace) -> int:
         overrides["epochs"] = args.epochs
     params = resolve_params(family, overrides)
     check_training_params(params)
-    build_model(family, params, image_size=args.image_size)  # bad architecture values fail before any loading
     config = data_config(args)
+    # bad architecture values or weights fail before any data is loaded
+    build_model(family, params, image_size=args.image_size, weights=config.weights_for(family))
     device = resolve_device(args.device)
 
     started = time.perf_counter()
@@ -65,7 +66,12 @@ def run_train(args: argparse.Namespace) -> int:
     print("params: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     bar.total = source.num_batches()
     print(HEADER)
-    train(trained, source, params, device, on_epoch=on_epoch, on_batch=on_batch)
+    try:
+        train(trained, source, params, device, on_epoch=on_epoch, on_batch=on_batch)
+    except Diverged as diverged:
+        bar.close()
+        print(f"stl10-search: {diverged}; try a lower lr (now {params['lr']:g})", file=sys.stderr)
+        return 1
     bar.close()
     if args.test:
         from search.training import evaluate, make_loss
