@@ -1,0 +1,138 @@
+"""Retrain-and-test: the best trial of a study trained again with its params and seed, scored once on test.
+
+This is the step the reference study did by hand: choose on validation, then touch the test split once.
+The retrained run stops at the trial's best epoch, so it is the model the validation chose. The result is
+stored on the study (user attr "best_result") and the weights as an Optuna artifact, so `best` run again
+prints what is stored instead of training again.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from models import count_trainable
+from search.errors import UserError
+from search.pipeline import fit, load_parts, place
+from search.storage import journal_path, sqlite_path, with_retries
+from search.studies import load_settings
+
+BEST_ATTR = "best_result"
+
+
+def artifact_dir(url: str, override: Path | None = None) -> Path:
+    """Where weights go: --artifacts, else "artifacts" beside a SQLite or journal file, else ./artifacts."""
+    if override is not None:
+        return Path(override)
+    path = journal_path(url) or sqlite_path(url)
+    return (path.parent if path is not None else Path(".")) / "artifacts"
+
+
+def artifact_store(url: str, override: Path | None = None) -> FileSystemArtifactStore:
+    folder = artifact_dir(url, override)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(folder)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    """The completed trial with the highest validation accuracy; a UserError when there is none."""
+    trials = with_retries(lambda: study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if not trials:
+        raise UserError(f"study {study.study_name!r} has no completed trial yet; run `stl10-search search` first")
+    return max(trials, key=lambda t: (t.value, -t.number))
+
+
+def stored_result(study: optuna.Study, trial: FrozenTrial | None = None, full_train: bool | None = None
+                  ) -> dict[str, Any] | None:
+    """The stored result, if it is for `trial` and the same full_train choice (when given)."""
+    result = study.user_attrs.get(BEST_ATTR)
+    if result is None:
+        return None
+    if trial is not None and result.get("trial") != trial.number:
+        return None
+    if full_train is not None and bool(result.get("full_train")) != full_train:
+        return None
+    return result
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted ones."""
+    counts = torch.bincount(labels.cpu() * num_classes + predictions.cpu(), minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).tolist()
+
+
+def per_class_accuracy(matrix: list[list[int]]) -> list[float | None]:
+    return [row[i] / sum(row) if sum(row) else None for i, row in enumerate(matrix)]
+
+
+def retrain_and_test(
+    study: optuna.Study,
+    store: FileSystemArtifactStore,
+    device: torch.device,
+    *,
+    full_train: bool = False,
+    data_overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the best trial again up to its best epoch, score it on test, store result and weights on the study."""
+    trial = best_trial(study)
+    settings = load_settings(study)
+    params = dict(trial.user_attrs.get("params") or trial.params)
+    params["epochs"] = int(trial.user_attrs.get("best_epoch") or params["epochs"])
+    seed = int(trial.user_attrs.get("seed", settings.seed + trial.number))
+    config = settings.data_config(**(data_overrides or {}))
+
+    started = time.perf_counter()
+    log(f"[{study.study_name}] retraining trial #{trial.number} for {params['epochs']} epoch(s) on "
+        f"{'train+validation' if full_train else 'train'} ({device})")
+    parts = place(load_parts(config, settings.family, with_test=True, full_train=full_train), device)
+    trained = fit(settings.family, params, parts, config, device, seed)
+    test = trained.evaluate("test", device)
+    seconds = time.perf_counter() - started
+
+    classes = list(parts["test"].classes)
+    matrix = confusion_matrix(parts["test"].labels, test.predictions, len(classes))
+    result = {
+        "trial": trial.number,
+        "val_accuracy": trial.value,
+        "test_loss": test.loss,
+        "test_accuracy": test.accuracy,
+        "test_images": len(parts["test"]),
+        "per_class_accuracy": per_class_accuracy(matrix),
+        "confusion_matrix": matrix,
+        "classes": classes,
+        "trainable_parameters": count_trainable(trained.model),
+        "params": params,
+        "seed": seed,
+        "seconds": seconds,
+        "full_train": full_train,
+        "device": str(device),
+    }
+    result.update(_upload_weights(study, trial, trained.model, store))
+    with_retries(lambda: study.set_user_attr(BEST_ATTR, result))
+    return result
+
+
+def _upload_weights(study: optuna.Study, trial: FrozenTrial, model: torch.nn.Module,
+                    store: FileSystemArtifactStore) -> dict[str, str]:
+    """The weights as a study artifact: a finished trial takes no new attributes, so the study holds them."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{study.study_name}-trial{trial.number}.pt"
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+        artifact_id = with_retries(lambda: upload_artifact(study_or_trial=study, file_path=str(path),
+                                                           artifact_store=store))
+    return {"artifact_id": artifact_id, "artifact_file": path.name}
+
+
+def format_result(name: str, result: dict[str, Any]) -> str:
+    """The one line `best` prints per model; tests and the report read the same numbers."""
+    return (f"{name}: test accuracy {result['test_accuracy']:.2%}, test loss {result['test_loss']:.4f} "
+            f"(trial #{result['trial']}, validation {result['val_accuracy']:.2%}, "
+            f"{result['trainable_parameters']:,} parameters{', full train' if result['full_train'] else ''})")

@@ -1,0 +1,153 @@
+"""`stl10-search best`, `report`, `dashboard`, and `run` (search, then best, then report, in one command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.best import artifact_dir, artifact_store, best_trial, format_result, retrain_and_test, stored_result
+from search.cli import parse_models, storage_url
+from search.errors import USER_ERRORS, UserError
+from search.pipeline import resolve_device
+from search.storage import open_storage, redact, sqlite_path, with_retries
+from search.studies import existing_study_names, study_name
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def open_existing(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage, str]:
+    """The storage, refusing to create an empty SQLite file where the user expected their studies."""
+    url = storage_url(args)
+    path = sqlite_path(url) if not url.startswith("journal:") else None
+    if path is not None and not path.is_file():
+        raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
+                        "or pass --storage with the URL the search used")
+    return open_storage(url), url
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """This host's folders, where they differ from the ones stored with the study."""
+    names = {"cache_dir": "cache_dir", "data_root": "data_root", "weights": "weights"}
+    return {key: getattr(args, attr) for key, attr in names.items() if getattr(args, attr, None) is not None}
+
+
+def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, device_name: str
+              ) -> tuple[int, list[str]]:
+    """Retrain and test the best trial of each chosen study, or print its stored result.
+
+    Returns (studies with a result, one line per study that had none).
+    """
+    families = parse_models(args.model)
+    existing = set(existing_study_names(storage))
+    names = [study_name(f, args.study_prefix) for f in families]
+    missing = [n for n in names if n not in existing]
+    if missing and args.model.strip() != "all":
+        raise UserError(f"no study {', '.join(map(repr, missing))} in storage {redact(url)}; "
+                        f"studies there: {', '.join(sorted(existing)) or 'none'}")
+    names = [n for n in names if n in existing]
+    if not names:
+        raise UserError(f"no stl10-search studies in storage {redact(url)}"
+                        + (f" with prefix {args.study_prefix!r}" if args.study_prefix else "")
+                        + "; run `stl10-search search` first")
+    device = resolve_device(device_name)
+    store = artifact_store(url, getattr(args, "artifacts", None))
+    tested, problems = 0, []
+    for name in names:
+        study = with_retries(lambda: optuna.load_study(study_name=name, storage=storage))
+        try:
+            trial = best_trial(study)
+            result = None if getattr(args, "force", False) else stored_result(study, trial, args.full_train)
+            if result is None:
+                result = retrain_and_test(study, store, device, full_train=args.full_train,
+                                          data_overrides=_data_overrides(args), log=_log)
+                from search.dashboard import save_dashboard_plots
+
+                save_dashboard_plots(study, result)
+                _log(f"[{name}] retrained in {result['seconds']:.1f}s; weights: artifact {result['artifact_id']} "
+                     f"in {artifact_dir(url, getattr(args, 'artifacts', None))}")
+            else:
+                _log(f"[{name}] trial #{trial.number} already tested; printing the stored result (--force retrains)")
+        except USER_ERRORS as error:
+            problems.append(str(error))
+            continue
+        print(format_result(name, result), flush=True)
+        tested += 1
+    return tested, problems
+
+
+def run_best(args: argparse.Namespace) -> int:
+    storage, url = open_existing(args)
+    tested, problems = test_best(args, storage, url, args.device)
+    if not tested:
+        raise UserError("; ".join(problems))
+    for problem in problems:
+        _log(f"skipped: {problem}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from search.report import parse_formats
+
+    formats = parse_formats(args.format)
+    storage, url = open_existing(args)
+    report(args, storage, url, formats)
+    return 0
+
+
+def report(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, formats: list[str]) -> None:
+    from search.report import write_report
+
+    written = write_report(storage, Path(args.out), formats, prefix=args.study_prefix, storage_name=redact(url),
+                           cache_dir=args.cache_dir, log=_log)
+    main = next((p for p in written if p.name == "report.html"), written[0])
+    print(f"report written to {Path(args.out)}/ ({', '.join(p.name for p in written if p.parent == Path(args.out))}); "
+          f"open {main}")
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from search.dashboard import serve
+
+    storage, url = open_existing(args)
+    folder = artifact_dir(url, args.artifacts)
+    _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) on http://{args.host}:{args.port}/ ; Ctrl-C stops")
+    try:
+        serve(storage, artifact_store(url, args.artifacts), args.host, args.port)
+    except OSError as error:
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({error.strerror or error}); "
+                        "pick another --port") from None
+    return 0
+
+
+def _best_device(gpus: str | None) -> str:
+    """The device `run` tests on: the first GPU it searched on, the CPU with --gpus none, else auto."""
+    if gpus is None:
+        return "auto"
+    if gpus.strip().lower() == "none":
+        return "cpu"
+    return f"cuda:{gpus.split(',')[0].strip()}"
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Search, then retrain-and-test, then report; run again after an interruption and it continues."""
+    from search.commands.search import run_search
+
+    code = run_search(args)
+    if code == 130:
+        _log("interrupted: run the same command again to continue where it stopped")
+        return 130
+    if code != 0:
+        _log("some workers failed; testing and reporting what finished")
+    storage, url = open_existing(args)
+    _, problems = test_best(args, storage, url, _best_device(args.gpus))
+    for problem in problems:
+        _log(f"skipped: {problem}")
+    from search.report import FORMATS
+
+    report(args, storage, url, list(FORMATS))
+    return code

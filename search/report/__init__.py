@@ -1,0 +1,153 @@
+"""`stl10-search report`: every study of the tool in one storage, written as Markdown, HTML, JSON and CSV.
+
+Files written into the output folder:
+  report.md (+ images/*.png), report.html (self-contained), report.json, best_params.json,
+  trials.csv and summary.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from data import DataError, load_images
+from search.errors import UserError
+from search.report.collect import REFERENCE, StudyReport, collect
+from search.report.html import render_html
+from search.report.markdown import render_markdown
+from search.report.pictures import PICTURE_SIZE, augmentation_picture, data_grid
+from search.report.tables import summary_table
+
+FORMATS = ("md", "html", "json", "csv")
+PICTURES = {"data_grid.png": "4 random train images per class", "augmentation.png":
+            "augmentation: original vs flipped (top), original vs rotated by up to 8 degrees (bottom)"}
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"unknown report format {', '.join(unknown) or repr(text)}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def data_pictures(report: StudyReport, cache_dir: Path | None, log: Callable[[str], None]) -> dict[str, bytes]:
+    """PNG bytes of the data grid and the augmentation picture, or none when the data cannot be read here."""
+    config = report.settings.data_config(cache_dir=cache_dir)
+    try:
+        images = load_images(config.dataset, config.data_root, "train", PICTURE_SIZE, config.cache_dir)
+    except DataError as error:
+        log(f"report: no data pictures ({error})")
+        return {}
+    pictures = {}
+    for name, picture in (("data_grid.png", data_grid(images)), ("augmentation.png", augmentation_picture(images))):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        pictures[name] = buffer.getvalue()
+    return pictures
+
+
+def _trial_record(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {
+        "study": report.name,
+        "model": report.settings.family,
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "val_accuracy": trial.value,
+        "best_epoch": trial.user_attrs.get("best_epoch"),
+        "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.datetime_complete and trial.datetime_start else None,
+        "reason": trial.user_attrs.get("reason"),
+        "seed": trial.user_attrs.get("seed"),
+        "trainable_parameters": trial.user_attrs.get("trainable_parameters"),
+        "params": trial.user_attrs.get("params") or trial.params,
+        "history": trial.user_attrs.get("history", []),
+    }
+
+
+def best_params(reports: list[StudyReport]) -> dict[str, Any]:
+    """Per study, the best trial's full parameters: what `stl10-search train --param ...` needs to repeat it."""
+    return {
+        r.name: {"model": r.settings.family, "trial": r.best.number, "val_accuracy": r.best.value,
+                 "best_epoch": r.best.user_attrs.get("best_epoch"), "seed": r.best.user_attrs.get("seed"),
+                 "test_accuracy": (r.result or {}).get("test_accuracy"),
+                 "params": r.best.user_attrs.get("params") or r.best.params}
+        for r in reports if r.best is not None
+    }
+
+
+def report_json(reports: list[StudyReport], header: list[str]) -> dict[str, Any]:
+    return {
+        "header": header,
+        "studies": [{
+            "study": r.name, "model": r.settings.family, "title": r.title,
+            "settings": r.study.user_attrs.get("settings"),
+            "finished": r.counts.finished, "complete": r.counts.complete, "pruned": r.counts.pruned,
+            "failed": r.counts.failed, "search_seconds": r.search_seconds,
+            "best_trial": r.best.number if r.best else None, "best_val_accuracy": r.best.value if r.best else None,
+            "best_result": r.result, "reference": r.reference, "param_importances": r.importances, "notes": r.notes,
+            "trials": [_trial_record(r, t) for t in r.trials],
+        } for r in reports],
+    }
+
+
+def _write_csv(path: Path, headers: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(headers)
+        writer.writerows(rows)
+
+
+def trials_csv(path: Path, reports: list[StudyReport]) -> None:
+    """One row per trial; every sampled or resolved parameter gets a column "param_<name>"."""
+    records = [_trial_record(r, t) for r in reports for t in r.trials]
+    names = sorted({k for record in records for k in record["params"]})
+    headers = ["study", "model", "number", "state", "val_accuracy", "best_epoch", "seconds", "seed",
+               "trainable_parameters", "reason"]
+    rows = [[record[h] for h in headers] + [record["params"].get(n, "") for n in names] for record in records]
+    _write_csv(path, headers + [f"param_{n}" for n in names], rows)
+
+
+def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[str] | tuple[str, ...] = FORMATS,
+                 *, prefix: str = "", storage_name: str = "", cache_dir: Path | None = None,
+                 log: Callable[[str], None] = print) -> list[Path]:
+    """Write the report files into `out`; returns their paths. A UserError when the storage has no study."""
+    reports = collect(storage, prefix)
+    out.mkdir(parents=True, exist_ok=True)
+    header = [f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}" + (f" from {storage_name}" if storage_name else ""),
+              f"Dataset: {reports[0].settings.data.get('dataset')}"
+              + (f" ({reports[0].settings.data.get('data_root')})" if reports[0].settings.data.get("data_root") else "")
+              + ("; reference columns: the hand-tuned study of SPEC.md" if any(r.reference for r in reports) else "")]
+    written = []
+    pictures = data_pictures(reports[0], cache_dir, log) if {"md", "html"} & set(formats) else {}
+    if "md" in formats:
+        (out / "images").mkdir(exist_ok=True)
+        for name, png in pictures.items():
+            (out / "images" / name).write_bytes(png)
+            written.append(out / "images" / name)
+        links = {PICTURES[name]: f"images/{name}" for name in pictures}
+        written.append(out / "report.md")
+        written[-1].write_text(render_markdown(reports, header, links))
+    if "html" in formats:
+        written.append(out / "report.html")
+        written[-1].write_text(render_html(reports, header, {PICTURES[n]: png for n, png in pictures.items()}))
+    if "json" in formats:
+        written.append(out / "report.json")
+        written[-1].write_text(json.dumps(report_json(reports, header), indent=2))
+        written.append(out / "best_params.json")
+        written[-1].write_text(json.dumps(best_params(reports), indent=2))
+    if "csv" in formats:
+        written.append(out / "trials.csv")
+        trials_csv(written[-1], reports)
+        written.append(out / "summary.csv")
+        _write_csv(written[-1], *summary_table(reports))
+    return written
+
+
+__all__ = ["FORMATS", "REFERENCE", "parse_formats", "write_report"]

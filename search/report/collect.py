@@ -1,0 +1,134 @@
+"""What a report shows, read once from storage: per study its settings, trials, best trial and test result."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from models import FAMILIES
+from search.best import BEST_ATTR
+from search.errors import UserError
+from search.storage import with_retries
+from search.studies import SETTINGS_ATTR, Counts, StudySettings, existing_study_names, load_settings
+
+# The hand-tuned study's figures (SPEC.md, last section), shown next to the search's on STL-10.
+REFERENCE: dict[str, dict[str, Any]] = {
+    "logreg": {"val_accuracy": 0.261, "test_accuracy": 0.2479, "test_loss": 2.244, "parameters": "122,890"},
+    "mlp": {"val_accuracy": 0.399, "test_accuracy": 0.3766, "test_loss": 1.696, "parameters": "27,960,202"},
+    "cnn": {"val_accuracy": 0.639, "test_accuracy": 0.5758, "test_loss": 1.193, "parameters": "162,064"},
+    "mobilenet_frozen": {"val_accuracy": 0.855, "test_accuracy": 0.8294, "test_loss": 0.518, "parameters": "head only"},
+    "mobilenet_finetune": {"val_accuracy": 0.871, "test_accuracy": 0.8813, "test_loss": 0.389, "parameters": "all"},
+}
+MIN_TRIALS_FOR_IMPORTANCE = 3
+
+
+@dataclass
+class StudyReport:
+    """One study as the report sees it."""
+
+    study: optuna.Study
+    settings: StudySettings
+    trials: list[FrozenTrial]
+    counts: Counts
+    best: FrozenTrial | None
+    result: dict[str, Any] | None  # the stored `best` result, when it is for the current best trial
+    stale_result: bool  # a result exists, but for a trial that is no longer the best
+    search_seconds: float
+    importances: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def title(self) -> str:
+        return FAMILIES[self.settings.family].title
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        return REFERENCE.get(self.settings.family) if self.settings.data.get("dataset") == "stl10" else None
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return list(self.best.user_attrs.get("history", [])) if self.best else []
+
+    @property
+    def parameters(self) -> int | None:
+        if self.result:
+            return self.result["trainable_parameters"]
+        return self.best.user_attrs.get("trainable_parameters") if self.best else None
+
+
+def find_studies(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[optuna.Study]:
+    """The studies of this tool (settings stored, named prefix + model), in the models' order."""
+    found = []
+    for name in existing_study_names(storage):
+        study = with_retries(lambda: optuna.load_study(study_name=name, storage=storage))
+        settings = study.user_attrs.get(SETTINGS_ATTR)
+        if settings and name == prefix + settings.get("family", ""):
+            found.append(study)
+    order = list(FAMILIES)
+    return sorted(found, key=lambda s: order.index(load_settings(s).family) if load_settings(s).family in order else 99)
+
+
+def _counts(trials: list[FrozenTrial]) -> Counts:
+    states = [t.state for t in trials]
+    return Counts(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL),
+                  states.count(TrialState.RUNNING), states.count(TrialState.WAITING))
+
+
+def _search_seconds(trials: list[FrozenTrial]) -> float:
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+
+
+def param_importances(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[dict[str, float] | None, str | None]:
+    """Optuna's default (PED-ANOVA) importances, or None and why not: too few trials or nothing varied."""
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
+        return None, f"parameter importances need {MIN_TRIALS_FOR_IMPORTANCE} completed trials, have {len(complete)}"
+    try:
+        with warnings.catch_warnings():  # "some regimes have less than 2 trials": expected in small studies
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError, ZeroDivisionError, ImportError) as error:
+        return None, f"parameter importances unavailable: {error}"
+    importances = {k: float(v) for k, v in importances.items() if not math.isnan(v)}
+    if not importances:
+        return None, "parameter importances unavailable: no parameter varied across the completed trials"
+    return importances, None
+
+
+def collect(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[StudyReport]:
+    """Every study of this tool in `storage`; a UserError when there is none."""
+    studies = find_studies(storage, prefix)
+    if not studies:
+        raise UserError("no stl10-search studies in this storage" + (f" with prefix {prefix!r}" if prefix else "")
+                        + "; run `stl10-search search` (or `run`) first")
+    reports = []
+    for study in studies:
+        trials = with_retries(lambda: study.get_trials(deepcopy=False))
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        stored = study.user_attrs.get(BEST_ATTR)
+        current = stored if stored and best and stored.get("trial") == best.number else None
+        report = StudyReport(study, load_settings(study), trials, _counts(trials), best, current,
+                             stale_result=bool(stored) and current is None, search_seconds=_search_seconds(trials))
+        if best is None:
+            report.notes.append("no completed trial yet: see the trial table for the reasons")
+        if report.stale_result:
+            report.notes.append(f"the stored test result is for trial #{stored.get('trial')}, no longer the best; "
+                                "run `stl10-search best` again")
+        elif best is not None and current is None:
+            report.notes.append("not tested yet: run `stl10-search best` to retrain the best trial and score it on test")
+        report.importances, why_not = param_importances(study, complete)
+        if why_not:
+            report.notes.append(why_not)
+        reports.append(report)
+    return reports

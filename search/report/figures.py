@@ -1,0 +1,59 @@
+"""Plotly figures of a study: the best trial's curves, Optuna's own plots, and the test confusion matrix.
+
+The HTML report and the dashboard draw the same figures, so both come from here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from search.report.collect import StudyReport
+
+
+def learning_curves(history: list[dict[str, float]], title: str) -> go.Figure:
+    """Train and validation loss (left) and accuracy (right) per epoch, as the reference plotted them."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
+    epochs = [int(h["epoch"]) for h in history]
+    for column, metric in ((1, "loss"), (2, "accuracy")):
+        for part, dash in (("train", "solid"), ("val", "dash")):
+            figure.add_trace(go.Scatter(x=epochs, y=[h[f"{part}_{metric}"] for h in history], mode="lines+markers",
+                                        name=f"{'validation' if part == 'val' else part} {metric}",
+                                        line={"dash": dash}), row=1, col=column)
+        figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None, row=1, col=column)
+    figure.update_yaxes(tickformat=".0%", row=1, col=2)
+    figure.update_layout(title=title, height=380)
+    return figure
+
+
+def confusion_figure(result: dict[str, Any], title: str) -> go.Figure:
+    """Test confusion matrix of the retrained model: rows true class, columns predicted."""
+    classes = result["classes"]
+    figure = go.Figure(go.Heatmap(z=result["confusion_matrix"], x=classes, y=classes, colorscale="Blues",
+                                  texttemplate="%{z}", hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
+    figure.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
+                         height=max(360, 40 * len(classes) + 160))
+    return figure
+
+
+def study_figures(report: StudyReport) -> dict[str, go.Figure]:
+    """Named figures for one study; a plot that needs completed trials is left out when there are none."""
+    figures: dict[str, go.Figure] = {}
+    if report.history:
+        figures["learning curves"] = learning_curves(
+            report.history, f"{report.title}: best trial #{report.best.number}, loss and accuracy per epoch")
+    if report.best is not None:
+        figures["optimization history"] = optuna.visualization.plot_optimization_history(report.study)
+        figures["parallel coordinate"] = optuna.visualization.plot_parallel_coordinate(report.study)
+    if report.importances:
+        with warnings.catch_warnings():  # the same small-study warning that collect() silences
+            warnings.simplefilter("ignore", UserWarning)
+            figures["parameter importances"] = optuna.visualization.plot_param_importances(report.study)
+    if report.result:
+        figures["test confusion matrix"] = confusion_figure(
+            report.result, f"{report.title}: test confusion matrix (trial #{report.result['trial']})")
+    return figures

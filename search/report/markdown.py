@@ -1,0 +1,46 @@
+"""report.md: the tables, with the data pictures linked as PNG files beside it."""
+
+from __future__ import annotations
+
+from search.report.collect import StudyReport
+from search.report.tables import (Table, best_params_table, curves_table, importance_table, per_class_table,
+                                  summary_table, trials_table)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: Table) -> str:
+    headers, rows = table
+    lines = ["| " + " | ".join(map(_cell, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(reports: list[StudyReport], header: list[str], pictures: dict[str, str]) -> str:
+    """`pictures`: caption -> PNG path relative to report.md."""
+    parts = ["# STL-10 hyperparameter search report", "", *header, "",
+             "Interactive plots (optimization history, importances, parallel coordinates) are in report.html.", "",
+             "## Summary", "", markdown_table(summary_table(reports)), ""]
+    if pictures:
+        parts += ["## Data", ""]
+        for caption, path in pictures.items():
+            parts += [f"{caption}:", "", f"![{caption}]({path})", ""]
+    for r in reports:
+        parts += [f"## {r.title} (study `{r.name}`)", ""]
+        parts += [f"- {note}" for note in r.notes] + ([""] if r.notes else [])
+        if r.best is not None:
+            parts += [f"### Best parameters (trial #{r.best.number}, validation {r.best.value:.2%})", "",
+                      markdown_table(best_params_table(r)), ""]
+        if r.history:
+            parts += ["### Learning curves of the best trial", "", markdown_table(curves_table(r)), ""]
+        if r.importances:
+            parts += ["### Parameter importances", "", markdown_table(importance_table(r)), ""]
+        if r.result:
+            parts += [f"### Test result (trial #{r.result['trial']} retrained"
+                      f"{' on train+validation' if r.result['full_train'] else ''})", "",
+                      f"Test accuracy {r.result['test_accuracy']:.2%}, test loss {r.result['test_loss']:.4f} "
+                      f"on {r.result['test_images']} images.", "", markdown_table(per_class_table(r)), ""]
+        parts += ["### Trials", "", markdown_table(trials_table(r)), ""]
+    return "\n".join(parts)

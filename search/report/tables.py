@@ -1,0 +1,92 @@
+"""The report's tables as plain rows of text, so Markdown and HTML show the same cells."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.report.collect import StudyReport
+
+Table = tuple[list[str], list[list[str]]]  # headers, rows
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(map(value_text, value)) + ")"
+    return str(value)
+
+
+def summary_table(reports: list[StudyReport]) -> Table:
+    """Per model: the search's figures, and the hand-tuned study's next to them when the data is STL-10."""
+    with_reference = any(r.reference for r in reports)
+    headers = ["model", "study", "best val acc", "test acc", "test loss", "trainable params",
+               "finished", "pruned", "failed", "search time"]
+    if with_reference:
+        headers += ["reference val acc", "reference test acc", "reference test loss", "reference params"]
+    rows = []
+    for r in reports:
+        result = r.result or {}
+        row = [r.title, r.name, percent(r.best.value if r.best else None), percent(result.get("test_accuracy")),
+               number(result.get("test_loss")), f"{r.parameters:,}" if r.parameters is not None else "-",
+               f"{r.counts.finished}/{r.settings.n_trials}", str(r.counts.pruned), str(r.counts.failed),
+               duration(r.search_seconds)]
+        if with_reference:
+            ref = r.reference or {}
+            row += [percent(ref.get("val_accuracy")), percent(ref.get("test_accuracy")),
+                    number(ref.get("test_loss"), 3), ref.get("parameters", "-")]
+        rows.append(row)
+    return headers, rows
+
+
+def best_params_table(report: StudyReport) -> Table:
+    if report.best is None:
+        return ["parameter", "value", ""], []
+    params = report.best.user_attrs.get("params") or report.best.params
+    searched = set(report.best.params)
+    rows = [[name, value_text(value), "searched" if name in searched else "fixed"] for name, value in sorted(params.items())]
+    rows.append(["best epoch", str(report.best.user_attrs.get("best_epoch", "-")), "chosen on validation"])
+    return ["parameter", "value", ""], rows
+
+
+def curves_table(report: StudyReport) -> Table:
+    rows = [[str(int(h["epoch"])), number(h["train_loss"]), percent(h["train_accuracy"]), number(h["val_loss"]),
+             percent(h["val_accuracy"]), f"{h['seconds']:.1f} s"] for h in report.history]
+    return ["epoch", "train loss", "train acc", "val loss", "val acc", "time"], rows
+
+
+def importance_table(report: StudyReport) -> Table:
+    return ["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in (report.importances or {}).items()]
+
+
+def per_class_table(report: StudyReport) -> Table:
+    if not report.result:
+        return ["class", "test acc"], []
+    result = report.result
+    return ["class", "test acc"], [[c, percent(a)] for c, a in zip(result["classes"], result["per_class_accuracy"])]
+
+
+def trials_table(report: StudyReport) -> Table:
+    """Every trial with its state and why it ended, so diverged, pruned and failed runs stay visible."""
+    rows = []
+    for t in report.trials:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        searched = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(t.params.items()))
+        rows.append([str(t.number), t.state.name.lower(), percent(t.value) if t.value is not None else "-",
+                     str(t.user_attrs.get("best_epoch", "-")), duration(seconds), t.user_attrs.get("reason", "-"),
+                     searched])
+    return ["#", "state", "val acc", "best epoch", "time", "reason", "params"], rows

@@ -1,0 +1,159 @@
+"""`best`, `report` and `run` on a tiny finished search: what `best` prints is what every report file says."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import threading
+from pathlib import Path
+
+import plotly.offline
+import pytest
+import torch
+
+from search.cli import main
+
+TEST_LINE = re.compile(r"^(\S+): test accuracy ([\d.]+%), test loss ([\d.]+)", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_imagefolder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A storage with a logreg study of 3 finished trials and an mlp study with none (created, never worked)."""
+    from search.storage import open_storage
+    from search.worker import work
+
+    folder = tmp_path_factory.mktemp("results")
+    url = f"sqlite:///{folder}/studies.db"
+    cache = folder / "cache"
+    code = main(["search", "--model", "logreg,mlp", "--n-trials", "3", "--workers", "0", "--pruner", "none",
+                 "--dataset", "imagefolder", "--data-root", str(tiny_imagefolder), "--image-size", "16",
+                 "--param", "epochs=2", "--storage", url, "--cache-dir", str(cache)])
+    assert code == 0
+    done = work(open_storage(url), url, ["logreg"], torch.device("cpu"), threading.Event(),
+                data_overrides={"cache_dir": cache}, log=lambda message: None)
+    assert done == {"logreg": 3}
+    return {"folder": folder, "url": url, "cache": str(cache)}
+
+
+@pytest.fixture(scope="module")
+def tested(searched: dict) -> dict:
+    """`best --model all` run once; its stdout parsed into {study: (accuracy, loss)}."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["best", "--model", "all", "--storage", searched["url"], "--cache-dir", searched["cache"]])
+    assert code == 0, err.getvalue()
+    printed = {m[0]: (m[1], m[2]) for m in TEST_LINE.findall(out.getvalue())}
+    assert set(printed) == {"logreg"}
+    assert "skipped: study 'mlp' has no completed trial" in err.getvalue()
+    return {**searched, "printed": printed}
+
+
+def test_best_stores_result_and_weights(tested: dict) -> None:
+    import optuna
+
+    study = optuna.load_study(study_name="logreg", storage=tested["url"])
+    result = study.user_attrs["best_result"]
+    assert f"{result['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
+    assert result["trial"] == study.best_trial.number
+    assert result["params"]["epochs"] == study.best_trial.user_attrs["best_epoch"]
+    assert len(result["confusion_matrix"]) == len(result["classes"]) == len(result["per_class_accuracy"]) == 4
+    assert sum(map(sum, result["confusion_matrix"])) == result["test_images"] == 24
+    assert result["full_train"] is False and result["trainable_parameters"] > 0
+    weights = Path(tested["folder"]) / "artifacts" / result["artifact_id"]
+    assert weights.is_file()
+    assert any(k.startswith("dashboard:plot_data:") for k in study._storage.get_study_system_attrs(study._study_id))
+
+
+def test_best_twice_prints_the_stored_result(tested: dict, capsys: pytest.CaptureFixture) -> None:
+    artifacts = sorted((Path(tested["folder"]) / "artifacts").iterdir())
+    code = main(["best", "--model", "logreg", "--storage", tested["url"], "--cache-dir", tested["cache"]])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "already tested" in err and "retraining" not in err
+    assert {m[0]: (m[1], m[2]) for m in TEST_LINE.findall(out)} == tested["printed"]
+    assert sorted((Path(tested["folder"]) / "artifacts").iterdir()) == artifacts  # no new weights
+
+
+def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixture) -> None:
+    out_dir = Path(tested["folder"]) / "report"
+    code = main(["report", "--out", str(out_dir), "--storage", tested["url"], "--cache-dir", tested["cache"]])
+    assert code == 0, capsys.readouterr().err
+    accuracy, loss = tested["printed"]["logreg"]
+    for name in ("report.html", "report.md", "best_params.json", "trials.csv", "report.json", "summary.csv",
+                 "images/data_grid.png", "images/augmentation.png"):
+        assert (out_dir / name).is_file(), name
+
+    markdown = (out_dir / "report.md").read_text()
+    logreg_row = next(line for line in markdown.splitlines() if line.startswith("| logistic regression | logreg |"))
+    assert f"| {accuracy} | {loss} |" in logreg_row
+    assert "| fully connected net | mlp | - | - | - |" in markdown  # no finished trial: dashes, not an error
+    assert "](images/data_grid.png)" in markdown
+
+    page = (out_dir / "report.html").read_text()
+    assert f"<td>{accuracy}</td><td>{loss}</td>" in page
+    assert page.count(plotly.offline.get_plotlyjs()[:500]) == 1 and "<script src" not in page  # inlined once
+    assert page.count('class="plot"') == page.count("Plotly.newPlot") >= 4
+    assert "data:image/png;base64," in page
+
+    best_params = json.loads((out_dir / "best_params.json").read_text())
+    assert f"{best_params['logreg']['test_accuracy']:.2%}" == accuracy and "mlp" not in best_params
+    report = json.loads((out_dir / "report.json").read_text())
+    stored = next(s for s in report["studies"] if s["study"] == "logreg")["best_result"]
+    assert f"{stored['test_accuracy']:.2%}" == accuracy and f"{stored['test_loss']:.4f}" == loss
+
+    with (out_dir / "trials.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [r["number"] for r in rows if r["study"] == "logreg"] == ["0", "1", "2"]
+    assert all(r["state"] == "complete" and r["reason"] for r in rows)
+    assert "param_lr" in rows[0]
+
+
+def test_report_format_subset(tested: dict, tmp_path: Path) -> None:
+    assert main(["report", "--out", str(tmp_path), "--format", "json,csv", "--storage", tested["url"]]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_params.json", "report.json", "summary.csv", "trials.csv"]
+
+
+def test_run_continues_a_finished_search(tested: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`run` on finished studies: the search has nothing left, best prints stored results, the report is written."""
+    code = main(["run", "--model", "logreg", "--workers", "0", "--storage", tested["url"], "--cache-dir",
+                 tested["cache"], "--out", str(tmp_path / "report"), "--log-dir", str(tmp_path / "logs")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert {m[0]: (m[1], m[2]) for m in TEST_LINE.findall(out)} == tested["printed"]
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert last.startswith("stl10-search: error: "), err
+    assert all(w in last for w in words), last
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["best", "--model", "mlp"], ("'mlp'", "no completed trial")),
+    (["best", "--model", "cnn"], ("no study 'cnn'", "logreg")),
+    (["best", "--model", "foo"], ("unknown model foo",)),
+    (["report", "--format", "pdf"], ("unknown report format pdf",)),
+])
+def test_bad_input_is_one_line(tested: dict, capsys: pytest.CaptureFixture, argv: list[str], words: tuple) -> None:
+    assert main([*argv, "--storage", tested["url"]]) == 2
+    _one_line_error(capsys, *words)
+
+
+def test_report_on_missing_or_empty_storage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from search.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    assert main(["report", "--out", str(tmp_path / "r"), "--storage", url]) == 2
+    _one_line_error(capsys, "no storage file")
+    assert not (tmp_path / "studies.db").exists()  # nothing created where the user expected studies
+    open_storage(url)  # an empty database
+    assert main(["report", "--out", str(tmp_path / "r"), "--storage", url]) == 2
+    _one_line_error(capsys, "no stl10-search studies")
+    assert main(["best", "--storage", url]) == 2
+    _one_line_error(capsys, "no stl10-search studies")
