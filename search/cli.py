@@ -104,7 +104,8 @@ def storage_url(args: argparse.Namespace) -> str:
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-trials", type=int,
-                        help="finished trials per study, shared by all workers (default 20 for a new study)")
+                        help="finished trials per study, shared by all workers (default for a new study: "
+                             "logreg 20, mlp 20, cnn 30, mobilenet_frozen 30, mobilenet_finetune 12)")
     parser.add_argument("--param", action="append", metavar="KEY=VALUE",
                         help="fix (lr=0.001), narrow (lr=1e-4..1e-2) or restrict (optimizer=adam,sgd) a parameter; "
                              "prefix with a model to target one (cnn.n_conv=3); repeatable")

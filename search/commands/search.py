@@ -23,7 +23,9 @@ from search.studies import PRUNERS, SAMPLERS, StudySettings, create_or_update, d
 from search.studies import load_settings, study_name
 from search.worker import work
 
-DEFAULT_N_TRIALS = 20
+# A new study's budget when --n-trials is not given: more trials where they are cheap or the space is large,
+# fewer for the fine-tuned network, whose trials cost the most.
+DEFAULT_N_TRIALS = {"logreg": 20, "mlp": 20, "cnn": 30, "mobilenet_frozen": 30, "mobilenet_finetune": 12}
 DATA_OPTIONS = ("dataset", "data_root", "val_fraction", "split_seed", "image_size", "weights")
 
 
@@ -101,7 +103,7 @@ def ensure_studies(args: argparse.Namespace, families: list[str], storage, space
         else:
             settings = StudySettings(
                 family=family,
-                n_trials=args.n_trials or DEFAULT_N_TRIALS,
+                n_trials=args.n_trials or DEFAULT_N_TRIALS[family],
                 sampler=args.sampler or "tpe",
                 pruner=args.pruner or "hyperband",
                 seed=0 if args.seed is None else args.seed,
