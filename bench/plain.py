@@ -1,0 +1,225 @@
+"""The plain path both benchmarks compare against, and the setup they share.
+
+The plain path is what a user would write without this project: PIL images, the study's torchvision
+transforms applied image by image, a `torch.utils.data.DataLoader`, and the full model run on images
+every batch (the frozen MobileNetV2 recomputes its backbone on every image of every epoch).
+
+Choices, so the comparison is about the data path and the feature cache, nothing else:
+- Images are an in-memory list of decoded PIL images (read once from the ImageFolder's own file list),
+  not `torchvision.datasets.ImageFolder` reading files per item: JPEG decoding is a one-time cost on the
+  project's path (its uint8 cache), so it is excluded from both.
+- Both paths train the same images (the same stratified split, the same subset), the same model built
+  with the same seed by `models.build_model`, with the same optimizer, loss and params, through the
+  same loop (`search.training.train`, which calls `make_optimizer` and `make_loss`): a `PlainBatches`
+  is just another batch source. On CUDA the model step is also the same (bf16 autocast, channels-last
+  convolutions), so the ratio measures what feeds the model, not the model's numerics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, stratified_split
+from models import FAMILIES, build_model
+from search.pipeline import DataConfig, load_parts, place
+from search.training import EVAL_BATCH_SIZE, autocast
+
+DEFAULT_DATA_ROOT = Path("/work/shared/datasets/cifar10-stl10-sized")
+DEFAULT_WEIGHTS = Path("/work/shared/weights/mobilenet_v2_imagenet_coral.pth")
+
+
+# --- the plain path ---------------------------------------------------------------------------------
+
+
+def plain_transforms(size: int, flip_p: float, max_rotation: float, train: bool) -> T.Compose:
+    """The study's per-image transforms: Resize, (flip, rotation on train), ToTensor, Normalize."""
+    augmentation = [T.RandomHorizontalFlip(flip_p), T.RandomRotation(max_rotation)] if train else []
+    return T.Compose([T.Resize(size), *augmentation, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class PILImages(Dataset):
+    """(PIL image, label) pairs held in memory, transformed on every access."""
+
+    def __init__(self, samples: list[tuple[Image.Image, int]], transform: T.Compose) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.samples[index]
+        return self.transform(image), label
+
+
+class PlainBatches:
+    """A `search.training.BatchSource` over DataLoaders: per-image transforms, host tensors copied per batch."""
+
+    def __init__(self, pil: dict[str, list[tuple[Image.Image, int]]], size: int, params: dict[str, Any],
+                 device: torch.device, seed: int, workers: int = 0) -> None:
+        self.device = device
+        batch_size = int(params["batch_size"])
+        common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda"}
+        train_set = PILImages(pil["train"], plain_transforms(size, float(params["flip_p"]),
+                                                             float(params["max_rotation"]), train=True))
+        self.train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed), **common)
+        eval_transform = plain_transforms(size, 0.0, 0.0, train=False)
+        self.eval_loaders = {
+            name: DataLoader(PILImages(samples, eval_transform), batch_size=EVAL_BATCH_SIZE, shuffle=False, **common)
+            for name, samples in pil.items()
+            if name != "train"
+        }
+
+    def num_batches(self) -> int:
+        return len(self.train_loader)
+
+    def _to_device(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self._to_device(self.train_loader)
+
+    def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self._to_device(self.eval_loaders[part])
+
+
+class TrainOnly:
+    """A batch source with nothing to validate on: `train` then times the training pass alone."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def num_batches(self) -> int:
+        return self.source.num_batches()
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.train_batches(epoch)
+
+    def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(())
+
+
+def build_plain_model(family: str, params: dict[str, Any], size: int, weights: Path | None,
+                      device: torch.device, seed: int, num_classes: int = 10) -> nn.Module:
+    """The whole torch model on images, built and placed exactly as `search.pipeline.prepare` does."""
+    torch.manual_seed(seed)
+    model = build_model(family, params, num_classes=num_classes, image_size=size,
+                        weights=weights if FAMILIES[family].pretrained else None).to(device)
+    if device.type == "cuda" and family not in ("logreg", "mlp"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --- shared setup -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchData:
+    """The same images for both paths: uint8 parts for the project, decoded PIL images for the plain path."""
+
+    parts: dict[str, ImageSet]
+    pil: dict[str, list[tuple[Image.Image, int]]]
+    size: int
+    load_seconds: float
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, images: int, models: str) -> None:
+    parser.add_argument("--models", default=models, help=f"comma-separated families (default {models})")
+    parser.add_argument("--images", type=int, default=images,
+                        help=f"train images per model (default {images}); validation gets the study's 3:7 share")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--workers", type=int, default=0, help="plain path DataLoader num_workers (default 0)")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help=f"ImageFolder dataset, DIR/train/<class>/*.jpg (default {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                        help=f"torchvision MobileNetV2 state dict (default {DEFAULT_WEIGHTS})")
+    parser.add_argument("--batch-size", type=int, help="override every model's batch size (default: its reference)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_models(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown or not names:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(FAMILIES)}")
+    return names
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def image_config(args: argparse.Namespace, cache_dir: Path) -> DataConfig:
+    return DataConfig(dataset="imagefolder", data_root=args.data_root, cache_dir=cache_dir, weights=str(args.weights))
+
+
+def load_bench_data(args: argparse.Namespace, size: int, image_cache: Path, device: torch.device) -> BenchData:
+    """`load_parts` at `size`, cut to --images train images (and 3:7 of that for validation), plus the same
+    images as PIL for the plain path. The cut is a seeded random subset of each part, so classes stay mixed."""
+    started = time.perf_counter()
+    config = dataclasses.replace(image_config(args, image_cache), image_size=size)
+    parts = load_parts(config, "logreg")
+    folder = torchvision.datasets.ImageFolder(str(Path(args.data_root) / "train"))
+    labels = torch.tensor(folder.targets)
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.split_seed)
+    if not torch.equal(labels[train_idx], parts["train"].labels) or not torch.equal(labels[val_idx], parts["val"].labels):
+        raise SystemExit("ImageFolder order differs from the project's image order; cannot compare the same images")
+    generator = torch.Generator().manual_seed(args.seed)
+    counts = {"train": args.images, "val": max(1, round(args.images * 3 / 7))}
+    global_index = {"train": train_idx, "val": val_idx}
+    pil: dict[str, list[tuple[Image.Image, int]]] = {}
+    for name, count in counts.items():
+        keep = torch.randperm(len(parts[name]), generator=generator)[: min(count, len(parts[name]))].sort().values
+        parts[name] = parts[name].subset(keep)
+        pil[name] = [_decode(folder.samples[int(i)]) for i in global_index[name][keep]]
+    return BenchData(place(parts, device), pil, size, time.perf_counter() - started)
+
+
+def _decode(sample: tuple[str, int]) -> tuple[Image.Image, int]:
+    path, label = sample
+    with Image.open(path) as image:
+        return image.convert("RGB"), label
+
+
+def warm_up(family: str, params: dict[str, Any], size: int, weights: Path | None, device: torch.device) -> None:
+    """One untimed forward/backward on a throwaway model, so one-off kernel setup hits neither path."""
+    model = build_plain_model(family, params, size, weights, device, seed=0).train()
+    x = torch.randn(int(params["batch_size"]), 3, size, size, device=device)
+    with autocast(device):
+        loss = model(x).float().logsumexp(1).mean()
+    if loss.requires_grad:
+        loss.backward()
+    clock(device)
+
+
+def forget_features() -> None:
+    """Empty the worker's in-memory feature cache, so the next frozen-backbone trial starts cold or reads disk."""
+    from search import features
+
+    features._MEMORY.clear()  # private, but the only handle on the per-process cache; bench code only
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = " | ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
