@@ -115,7 +115,8 @@ class TrainOnly:
 
 def build_plain_model(family: str, params: dict[str, Any], size: int, weights: Path | None,
                       device: torch.device, seed: int, num_classes: int = 10) -> nn.Module:
-    """The whole torch model on images, built and placed exactly as `search.pipeline.prepare` does."""
+    """The whole torch model on images, as a user would place it: channels-last only on CUDA (where the shared
+    loop's settings apply to both paths); the project also uses it on the CPU, which is part of what is measured."""
     torch.manual_seed(seed)
     model = build_model(family, params, num_classes=num_classes, image_size=size,
                         weights=weights if FAMILIES[family].pretrained else None).to(device)

@@ -52,7 +52,7 @@ def compute_features(
     backbone.eval()
     outputs = []
     for x, _ in batches(images, torch.zeros(len(images), dtype=torch.long, device=images.device), EVAL_BATCH_SIZE // 4, shuffle=False):
-        x = normalize(x.to(device, non_blocking=True))
+        x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         if generator is not None:
             x = augment(x, flip_p, max_rotation, generator)
         with autocast(device):

@@ -125,16 +125,19 @@ def prepare(
     num_classes = len(parts["train"].classes)
     model = build_model(family, params, num_classes=num_classes, image_size=config.size_for(family),
                         weights=config.weights_for(family)).to(device)
+    # channels-last: faster convolutions on GPUs, and on the CPU 2x (inference) to 7x (training) for
+    # MobileNetV2's depthwise convolutions
     conv = family not in ("logreg", "mlp")
-    if device.type == "cuda" and conv:
+    if conv:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # input shapes repeat every batch: pick the fastest kernels once
     if uses_feature_cache(model):
         source = FeatureBatches(model.backbone, parts, int(params["batch_size"]), int(params["feature_views"]),
                                 float(params["flip_p"]), float(params["max_rotation"]), device, seed, config.cache_dir)
         return model, model.head, source
     source = ImageBatches(parts, int(params["batch_size"]), float(params["flip_p"]), float(params["max_rotation"]),
-                          device, seed, channels_last=device.type == "cuda" and conv)
+                          device, seed, channels_last=conv)
     return model, model, source
 
 
