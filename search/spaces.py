@@ -143,7 +143,24 @@ def resolve_params(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown parameter {', '.join(unknown)} for model {family}; "
                         f"known: {', '.join(sorted(known_params(family)))}")
-    return {**get_family(family).defaults, **REFERENCE_PARAMS[family], **overrides}
+    return relevant_params(family, {**get_family(family).defaults, **REFERENCE_PARAMS[family], **overrides})
+
+
+def relevant_params(family: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Drop what this setting does not read (momentum under Adam, a 5th width in a 3-layer net), so that
+    stored and reported params say only what shaped the run."""
+    unused = set()
+    if params.get("optimizer") not in ("sgd", "rmsprop"):
+        unused.add("momentum")
+    if params.get("loss") != "label_smoothing":
+        unused.add("label_smoothing")
+    if family != "mobilenet_frozen":
+        unused.add("feature_views")
+    for count_key, keys in (("n_layers", ("width", "dropout")), ("n_conv", ("channels", "pool"))):
+        if isinstance(params.get(count_key), int):
+            unused |= {k for k in params if k.split("_")[0] in keys and k.split("_")[-1].isdigit()
+                       and int(k.split("_")[-1]) > params[count_key]}
+    return {k: v for k, v in params.items() if k not in unused}
 
 
 def suggest(trial: optuna.Trial, dims: list[Dim]) -> dict[str, Any]:

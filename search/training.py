@@ -113,14 +113,15 @@ def check_training_params(params: dict[str, Any]) -> None:
     """Fail before any work for a bad training value, not after the data are loaded."""
     get_int(params, "batch_size", 1, 1 << 16)
     get_int(params, "epochs", 1, 10_000)
-    get_int(params, "feature_views", 1, 64)
+    if "feature_views" in params:
+        get_int(params, "feature_views", 1, 64)
     get_float(params, "flip_p", 0.0, 1.0)
     get_float(params, "max_rotation", 0.0, 180.0)
     make_loss(params)
-    get_choice(params, "optimizer", OPTIMIZERS)
+    if get_choice(params, "optimizer", OPTIMIZERS) in ("sgd", "rmsprop"):
+        get_float(params, "momentum", 0.0, 0.999)
     get_float(params, "lr", 1e-8, 10.0)
     get_float(params, "weight_decay", 0.0, 1.0)
-    get_float(params, "momentum", 0.0, 0.999)
 
 
 @torch.inference_mode()
