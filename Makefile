@@ -23,4 +23,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:
-	rm -rf $(VENV) report logs artifacts studies.db studies.db-*
+	rm -rf $(VENV) report logs artifacts studies.db studies.db-* studies.db.*.lock

@@ -38,7 +38,8 @@ def plan_workers(gpus: str | None, workers_per_gpu: int, cpu_workers: int | None
             raise UserError(f"--gpus takes GPU indices like 0,1,2; got {gpus!r}") from None
         missing = [g for g in indices if not 0 <= g < available]
         if missing or not indices:
-            raise UserError(f"--gpus names GPU {', '.join(map(str, missing)) or gpus!r}, which does not exist: "
+            named = ", ".join(map(str, missing)) if missing else repr(gpus)
+            raise UserError(f"--gpus names GPU {named}, which does not exist: "
                             f"{available} GPU(s) visible")
     else:
         indices = list(range(available)) if gpus is None else []

@@ -16,7 +16,9 @@ import optuna
 from models import FAMILIES, get_family
 from models.linear import MAX_MLP_LAYERS
 from search.errors import UserError
-from search.training import OPTIMIZERS, TRAINING_DEFAULTS
+from models.cnn import POOL_TYPES
+from models.mobilenet import HEAD_INPUTS
+from search.training import LOSSES, OPTIMIZERS, TRAINING_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,15 @@ class Dim:
         if self.low == self.high:
             return f"{self.low:g}"
         return f"{self.low:g}..{self.high:g}" + (" (log)" if self.log else "")
+
+
+# Parameters whose values are names: a fixed or restricted value must be one of these.
+NAMED_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "loss": LOSSES,
+    "pool_type": POOL_TYPES,
+    "head_input": HEAD_INPUTS,
+}
 
 
 def _float(name: str, low: float, high: float, log: bool = False, active=None) -> Dim:
@@ -218,9 +229,14 @@ def _customized(family: str, dim: Dim, spec: Any) -> Dim:
         if dim.integer and (int(low) != low or int(high) != high):
             raise UserError(f"{where} is an integer; got {low}..{high}")
         return replace(dim, low=low, high=high, log=log)
-    if isinstance(spec, list):
+    if isinstance(spec, list) or dim.choices is not None:
+        spec = spec if isinstance(spec, list) else [spec]
         if not spec:
             raise UserError(f"{where}: empty list of choices")
+        allowed = NAMED_CHOICES.get(dim.name)
+        unknown = [v for v in spec if allowed is not None and v not in allowed]
+        if unknown:
+            raise UserError(f"{where}: unknown value {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
         if dim.choices is None:
             bad = [v for v in spec if isinstance(v, bool) or not isinstance(v, (int, float))]
             if bad:
@@ -228,13 +244,11 @@ def _customized(family: str, dim: Dim, spec: Any) -> Dim:
             if dim.integer and any(int(v) != v for v in spec):
                 raise UserError(f"{where} is an integer; got {spec}")
         return replace(dim, choices=tuple(spec), low=None, high=None, log=False)
-    if dim.choices is None and (isinstance(spec, bool) or not isinstance(spec, (int, float))):
+    if isinstance(spec, bool) or not isinstance(spec, (int, float)):
         raise UserError(f"{where} is numeric ({dim.describe()}); got {spec!r}")
-    if dim.choices is None:
-        if dim.integer and int(spec) != spec:
-            raise UserError(f"{where} is an integer; got {spec}")
-        return replace(dim, low=spec, high=spec, log=False)
-    return replace(dim, choices=(spec,))
+    if dim.integer and int(spec) != spec:
+        raise UserError(f"{where} is an integer; got {spec}")
+    return replace(dim, low=spec, high=spec, log=False)
 
 
 def load_space_file(path: Path | str) -> dict[str, dict[str, Any]]:

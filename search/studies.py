@@ -166,8 +166,9 @@ class Counts:
 
     @property
     def committed(self) -> int:
-        """Finished, plus trials that are running or queued and may still finish."""
-        return self.finished + self.running + self.waiting
+        """Finished, plus trials running now. Queued (WAITING) trials are not counted: `ask` pops them first,
+        so a re-queued or enqueued trial in the last free slot is run rather than waited for."""
+        return self.finished + self.running
 
 
 def count_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> Counts:

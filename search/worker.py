@@ -115,7 +115,7 @@ class TrialRunner:
             traceback.print_exc()
             return Outcome(TrialState.FAIL, None, f"failed: {error.__class__.__name__}: {error}")
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # also when the trial was already failed as stale
                 with_retries(lambda: trial.set_user_attr("history", history))
 
     def _run(self, trial: optuna.Trial, history: list[dict[str, float]]) -> Outcome:
@@ -169,6 +169,15 @@ class TrialRunner:
         for row in history:
             with_retries(lambda: trial.report(row["val_accuracy"], int(row["epoch"])))
         return int(history[-1]["epoch"]) + 1 if history else 1
+
+
+@contextlib.contextmanager
+def _unless_already_finished(log: Callable[[str], None], trial: optuna.Trial) -> Iterator[None]:
+    """A slow worker's trial may have been failed by another worker's heartbeat check (and re-queued)."""
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log(f"[#{trial.number}] was already failed as stale (missed heartbeats) and queued again; result dropped")
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
@@ -231,13 +240,16 @@ def work(
                 with heartbeat(storage, trial):
                     outcome = runner.run(trial)
             except StopRequested as stopped:
-                _requeue(study, trial, str(stopped))
+                with _unless_already_finished(log, trial):
+                    _requeue(study, trial, str(stopped))
                 log(f"[{name} #{trial.number}] {stopped}")
                 break
             except BaseException:
-                _requeue(study, trial, "worker stopped during the trial; queued again")
+                with _unless_already_finished(log, trial):
+                    _requeue(study, trial, "worker stopped during the trial; queued again")
                 raise
-            _tell(study, trial, outcome)
+            with _unless_already_finished(log, trial):
+                _tell(study, trial, outcome)
             log(f"[{name} #{trial.number}] {outcome.state.name.lower()}"
                 + (f" {outcome.value:.2%}" if outcome.value is not None else "")
                 + f" ({outcome.reason}; {time.perf_counter() - started:.1f}s)")

@@ -163,6 +163,9 @@ def run_worker(args: argparse.Namespace) -> int:
     storage, url = open_from_args(args)
     names = [study_name(f, args.study_prefix) for f in families]
     missing = [n for n in names if n not in existing_study_names(storage)]
+    if missing and not (args.n_trials and data_given(args)):
+        raise UserError(f"no study {', '.join(missing)} in {redact(url)}; create it once with `stl10-search search "
+                        "--workers 0 ...`, or give this worker --n-trials and the data options to create it")
     if missing or args.n_trials or args.param or args.space:
         ensure_studies(args, families, storage, space_overrides(args, families))
     overrides = {k: v for k, v in (("cache_dir", args.cache_dir), ("data_root", args.data_root),

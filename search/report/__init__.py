@@ -18,7 +18,7 @@ import optuna
 
 from data import DataError, load_images
 from search.errors import UserError
-from search.report.collect import REFERENCE, StudyReport, collect
+from search.report.collect import REFERENCE, StudyReport, collect, trial_reason, trial_seconds
 from search.report.html import render_html
 from search.report.markdown import render_markdown
 from search.report.pictures import PICTURE_SIZE, augmentation_picture, data_grid
@@ -61,9 +61,8 @@ def _trial_record(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[
         "state": trial.state.name.lower(),
         "val_accuracy": trial.value,
         "best_epoch": trial.user_attrs.get("best_epoch"),
-        "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
-        if trial.datetime_complete and trial.datetime_start else None,
-        "reason": trial.user_attrs.get("reason"),
+        "seconds": trial_seconds(trial),
+        "reason": trial_reason(trial),
         "seed": trial.user_attrs.get("seed"),
         "trainable_parameters": trial.user_attrs.get("trainable_parameters"),
         "params": trial.user_attrs.get("params") or trial.params,

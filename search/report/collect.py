@@ -132,3 +132,17 @@ def collect(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[Stud
             report.notes.append(why_not)
         reports.append(report)
     return reports
+
+
+def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
+
+
+def trial_reason(trial: optuna.trial.FrozenTrial) -> str | None:
+    """Why the trial ended. A trial failed by the heartbeat has no stored reason: its worker died mid-trial."""
+    reason = trial.user_attrs.get("reason")
+    if reason is None and trial.state == optuna.trial.TrialState.FAIL:
+        return "worker stopped sending heartbeats (died or was killed); the trial was queued again"
+    return reason

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from search.report.collect import StudyReport
+from search.report.collect import StudyReport, trial_reason, trial_seconds
 
 Table = tuple[list[str], list[list[str]]]  # headers, rows
 
@@ -84,9 +84,8 @@ def trials_table(report: StudyReport) -> Table:
     """Every trial with its state and why it ended, so diverged, pruned and failed runs stay visible."""
     rows = []
     for t in report.trials:
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         searched = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(t.params.items()))
         rows.append([str(t.number), t.state.name.lower(), percent(t.value) if t.value is not None else "-",
-                     str(t.user_attrs.get("best_epoch", "-")), duration(seconds), t.user_attrs.get("reason", "-"),
+                     str(t.user_attrs.get("best_epoch", "-")), duration(trial_seconds(t)), trial_reason(t) or "-",
                      searched])
     return ["#", "state", "val acc", "best epoch", "time", "reason", "params"], rows

@@ -1,0 +1,115 @@
+"""`stl10-search search` and `worker` on bad input: one clear line on stderr, exit code 2, nothing in storage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.cli import main
+
+
+def _no_study_in(db: Path) -> bool:
+    if not db.exists():
+        return True
+    return optuna.get_all_study_summaries(f"sqlite:///{db}", include_best_trial=False) == []
+
+
+def _assert_clean_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert err.startswith("stl10-search: error:"), err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err
+
+
+@pytest.fixture
+def search_args(tiny_search):
+    """A `search` command line that would create a tiny logreg study in tmp_path, with no workers."""
+
+    def args(*changes: str, model: str = "logreg", storage: str | None = None) -> list[str]:
+        return ["search", "--model", model, "--workers", "0", "--n-trials", "2", "--param", "epochs=2",
+                "--storage", storage or tiny_search.sqlite_url, *tiny_search.data_args(), *changes]
+
+    return args
+
+
+def _space_file(tmp_path: Path, content: str) -> str:
+    path = tmp_path / "space.toml"
+    path.write_text(content)
+    return str(path)
+
+
+def test_the_good_command_line_does_create_the_study(search_args, tmp_path: Path, capsys) -> None:
+    """The baseline that every bad-input test below changes one thing of."""
+    assert main(search_args()) == 0
+    assert not _no_study_in(tmp_path / "studies.db")
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("unknown model", ["unknown model resnet", "choose from"]),
+    ("malformed storage URL", ["malformed storage URL"]),
+    ("unreachable database", ["cannot open storage", "postgresql://u:***@127.0.0.1:1/db"]),
+    ("unknown parameter in the space file", ["unknown parameter learning_rate"]),
+    ("empty range in the space file", ["logreg.lr: empty range"]),
+    ("no trials", ["--n-trials must be at least 1"]),
+    ("a GPU that does not exist", ["--gpus names GPU", "3", "does not exist"]),
+    ("unknown sampler", ["--sampler 'bayes' is unknown"]),
+    ("parameter of a model not searched", ["cnn is not among the models searched"]),
+    ("image folder without its folder", ["--data-root DIR"]),
+])
+def test_bad_search_input_is_one_line_exit_2_and_no_study(case: str, fragments: list[str], search_args,
+                                                          tmp_path: Path, capsys) -> None:
+    argv = {
+        "unknown model": lambda: search_args(model="resnet"),
+        "malformed storage URL": lambda: search_args(storage="postgresql://u:secret@host:port/db"),
+        "unreachable database": lambda: search_args(storage="postgresql://u:secret@127.0.0.1:1/db"),
+        "unknown parameter in the space file": lambda: search_args(
+            "--space", _space_file(tmp_path, "[logreg]\nlearning_rate = 1e-3\n")),
+        "empty range in the space file": lambda: search_args(
+            "--space", _space_file(tmp_path, "[logreg]\nlr = {low = 1e-2, high = 1e-4}\n")),
+        "no trials": lambda: search_args("--n-trials", "0"),
+        "a GPU that does not exist": lambda: search_args("--gpus", "3"),
+        "unknown sampler": lambda: search_args("--sampler", "bayes"),
+        "parameter of a model not searched": lambda: search_args("--param", "cnn.n_conv=2"),
+        "image folder without its folder": lambda: [
+            "search", "--model", "logreg", "--workers", "0", "--storage", f"sqlite:///{tmp_path / 'studies.db'}",
+            "--dataset", "imagefolder"],
+    }[case]()
+    code = main(argv)
+    err = capsys.readouterr().err
+    _assert_clean_error(code, err, *fragments)
+    assert "secret" not in err
+    assert _no_study_in(tmp_path / "studies.db")
+
+
+def test_worker_with_an_unreachable_database_is_a_clean_error(capsys) -> None:
+    code = main(["worker", "--model", "logreg", "--storage", "postgresql://u:secret@127.0.0.1:1/db"])
+    _assert_clean_error(code, capsys.readouterr().err, "cannot open storage")
+
+
+def test_worker_for_a_study_that_does_not_exist_says_how_to_create_it(tmp_path: Path, capsys) -> None:
+    code = main(["worker", "--model", "logreg", "--storage", f"sqlite:///{tmp_path}/studies.db"])
+    _assert_clean_error(code, capsys.readouterr().err, "no study logreg", "--workers 0")
+    assert _no_study_in(tmp_path / "studies.db")
+
+
+def test_a_bad_flag_value_is_an_argparse_error_with_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "--n-trials", "many"])
+    assert exited.value.code == 2
+    _assert_clean_error(2, capsys.readouterr().err, "--n-trials", "invalid int value")
+
+
+def test_bad_input_from_the_installed_command_is_one_line_without_traceback(tmp_path: Path) -> None:
+    """The same through a real process: no warning or traceback printed around the error."""
+    result = subprocess.run([sys.executable, "-m", "search.cli", "search", "--model", "logreg", "--workers", "0",
+                             "--storage", "postgresql://u:secret@127.0.0.1:1/db"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "secret" not in result.stderr
+    assert "stl10-search: error: cannot open storage postgresql://u:***@127.0.0.1:1/db" in result.stderr

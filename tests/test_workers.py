@@ -1,0 +1,285 @@
+"""search/worker.py and search/launcher.py: workers in this process and as subprocesses, sharing one budget exactly.
+
+Every study here is logreg on the tiny ImageFolder at 16px with 2-epoch trials (`tiny_search`), unless a test
+needs trials long enough to interrupt one.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from collections import Counter
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import search.worker
+from search.launcher import plan_workers
+from search.storage import open_storage
+from search.worker import MAX_CONSECUTIVE_FAILURES, work
+
+CPU = torch.device("cpu")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER_TIMEOUT_S = 240
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _work(tiny_search, url: str, stop: threading.Event | None = None) -> tuple[dict[str, int], list[str]]:
+    lines: list[str] = []
+    done = work(open_storage(url), url, ["logreg"], CPU, stop or threading.Event(),
+                data_overrides={"cache_dir": tiny_search.cache_dir}, log=lines.append)
+    return done, lines
+
+
+def _states(trials) -> Counter:
+    return Counter(t.state for t in trials)
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _finish(process, tiny_search, name: str = "worker", timeout: float = WORKER_TIMEOUT_S) -> str:
+    """Wait for a worker subprocess; its exit code must be 0. Returns its output."""
+    try:
+        code = process.wait(timeout=timeout)
+    except Exception:
+        process.kill()
+        pytest.fail(f"{name} did not exit in {timeout}s:\n{tiny_search.output(name)[-3000:]}")
+    output = tiny_search.output(name)
+    assert code == 0, f"{name} exited with {code}:\n{output[-3000:]}"
+    return output
+
+
+# --- in this process ---------------------------------------------------------------------------------------
+
+
+def test_worker_finishes_exactly_the_budget_and_records_each_trial(tiny_search) -> None:
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 5)
+    done, lines = _work(tiny_search, url)
+    trials = tiny_search.trials(url)
+    assert done == {"logreg": 5}
+    assert len(trials) == 5 and all(t.state in FINISHED for t in trials)
+    for t in trials:
+        assert isinstance(t.user_attrs["seed"], int)
+        assert t.user_attrs["reason"]
+        history = t.user_attrs["history"]
+        assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+        assert 1 <= len(history) <= 2 and all(0 <= row["val_accuracy"] <= 1 for row in history)
+        if t.state == TrialState.COMPLETE:
+            assert t.value == max(row["val_accuracy"] for row in history)
+            assert t.user_attrs["reason"].startswith("completed 2 epochs")
+    assert len({t.user_attrs["seed"] for t in trials}) == 5
+    assert any("loading imagefolder at 16px" in line for line in lines)
+
+
+def test_worker_on_a_study_whose_budget_is_met_leaves_at_once(tiny_search) -> None:
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2)
+    _work(tiny_search, url)
+    started = time.monotonic()
+    done, lines = _work(tiny_search, url)
+    assert done == {"logreg": 0} and lines == []  # not even the data are loaded
+    assert time.monotonic() - started < 5
+    assert len(tiny_search.trials(url)) == 2
+
+
+def test_a_queued_trial_in_the_last_free_slot_is_run_not_waited_for(tiny_search) -> None:
+    """With --enqueue-reference and a budget of 1, the one slot is the queued (WAITING) reference trial."""
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 1, "--enqueue-reference")
+    stop = threading.Event()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(done=_work(tiny_search, url, stop)[0]))
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():
+        stop.set()
+        thread.join()
+        pytest.fail("the worker waited for the queued trial instead of running it")
+    (trial,) = tiny_search.trials(url)
+    assert result["done"] == {"logreg": 1}
+    assert trial.state in FINISHED and trial.user_attrs["reference"] is True
+    assert trial.params["optimizer"] == "adam" and trial.params["lr"] == 1e-4
+
+
+def test_diverged_trial_is_pruned_with_its_reason(tiny_search, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose outputs turn NaN: the loop raises Diverged, the worker prunes the trial and goes on."""
+    prepare = search.worker.prepare
+
+    def nan_model(*args, **kwargs):
+        model, trained, source = prepare(*args, **kwargs)
+        trained.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+        return model, trained, source
+
+    monkeypatch.setattr(search.worker, "prepare", nan_model)
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2)
+    done, _ = _work(tiny_search, url)
+    trials = tiny_search.trials(url)
+    assert done == {"logreg": 2}
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    for t in trials:
+        assert t.user_attrs["reason"].startswith("diverged at epoch 1: training loss is nan")
+        assert t.user_attrs["history"] == []  # the diverged epoch is no result
+
+
+def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_search, monkeypatch) -> None:
+    train = search.worker.train
+    stop = threading.Event()
+
+    def train_then_stop(*args, on_epoch, **kwargs):
+        def stop_requested_now(metrics):
+            stop.set()  # as SIGTERM would, in the middle of the run
+            on_epoch(metrics)
+
+        return train(*args, on_epoch=stop_requested_now, **kwargs)
+
+    monkeypatch.setattr(search.worker, "train", train_then_stop)
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2, "--pruner", "none")
+    done, lines = _work(tiny_search, url, stop)
+    assert done == {"logreg": 0}
+    interrupted, queued = tiny_search.trials(url)
+    assert interrupted.state == TrialState.FAIL
+    assert interrupted.user_attrs["reason"] == "interrupted after epoch 1; queued again"
+    assert queued.state == TrialState.WAITING
+    assert queued.system_attrs["fixed_params"] == interrupted.params  # how Optuna queues a trial's params
+    assert queued.user_attrs["seed"] == interrupted.user_attrs["seed"]
+    assert queued.user_attrs["retry_of"] == interrupted.number
+    assert any("interrupted after epoch 1" in line for line in lines)
+
+    monkeypatch.setattr(search.worker, "train", train)
+    done, _ = _work(tiny_search, url)  # the next worker runs the queued copy first, then the rest of the budget
+    trials = tiny_search.trials(url)
+    assert done == {"logreg": 2}
+    assert [t.state for t in trials][0] == TrialState.FAIL and all(t.state in FINISHED for t in trials[1:])
+    rerun = trials[1]
+    assert rerun.params == interrupted.params and rerun.user_attrs["seed"] == interrupted.user_attrs["seed"]
+    assert rerun.user_attrs["first_number"] == interrupted.number
+
+
+def test_worker_leaves_a_study_whose_trials_all_fail(tiny_search, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no model today")
+
+    monkeypatch.setattr(search.worker, "prepare", broken)
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 5)
+    done, lines = _work(tiny_search, url)
+    trials = tiny_search.trials(url)
+    assert done == {"logreg": 0}
+    assert [t.state for t in trials] == [TrialState.FAIL] * MAX_CONSECUTIVE_FAILURES
+    assert all(t.user_attrs["reason"] == "failed: RuntimeError: no model today" for t in trials)
+    assert "trials in a row failed" in lines[-1]
+
+
+def test_cpu_workers_share_the_cores() -> None:
+    slots = plan_workers("none", 1, 2)
+    assert [s.device for s in slots] == ["cpu", "cpu"]
+    assert all(s.visible_gpu is None and s.threads >= 1 for s in slots)
+    assert plan_workers("none", 1, 0) == []
+
+
+# --- worker subprocesses -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eight_workers_on_one_sqlite_file_share_the_budget_exactly(tiny_search) -> None:
+    url, budget, workers = tiny_search.sqlite_url, 24, 8
+    tiny_search.create(url, budget)
+    processes = [tiny_search.start_worker(url, name=f"worker-{i}") for i in range(workers)]
+    outputs = [_finish(p, tiny_search, f"worker-{i}") for i, p in enumerate(processes)]
+    for output in outputs:
+        assert "locked" not in output.lower()
+        assert "Traceback" not in output
+    trials = tiny_search.trials(url)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert _states(trials) == Counter({s: n for s, n in _states(trials).items() if s in FINISHED})
+    assert sum(_states(trials)[s] for s in FINISHED) == budget
+    reported = [int(m) for output in outputs for m in re.findall(r"worker finished: logreg (\d+) trial", output)]
+    assert len(reported) == workers and sum(reported) == budget
+    assert len({t.user_attrs["seed"] for t in trials}) == budget  # no trial was run twice
+    assert len({t.user_attrs["worker"] for t in trials}) > 1  # the work was shared
+
+
+def _running_mid_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """A RUNNING trial that has reported at least one epoch."""
+    running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING and t.intermediate_values]
+    return running[0] if running else None
+
+
+HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
+
+
+@pytest.mark.slow
+def test_trial_of_a_killed_worker_is_failed_by_heartbeat_and_run_again(tiny_search) -> None:
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2, "--param", "epochs=25", "--pruner", "none")
+    study = optuna.load_study(study_name="logreg", storage=open_storage(url))
+    doomed = tiny_search.start_worker(url, *HEARTBEAT, name="doomed")
+    _wait_until(lambda: _running_mid_trial(study) is not None or doomed.poll() is not None, 120,
+                "a trial in the middle of its epochs")
+    victim = _running_mid_trial(study)
+    assert victim is not None, tiny_search.output("doomed")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+
+    _finish(tiny_search.start_worker(url, *HEARTBEAT, name="rescuer"), tiny_search, "rescuer")
+    trials = tiny_search.trials(url)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [victim.number]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.state in FINISHED
+    assert retry.params == victim.params and retry.user_attrs["seed"] == victim.user_attrs["seed"]
+    assert sum(t.state in FINISHED for t in trials) == 2
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_worker_after_its_epoch_and_leaves_no_trial_running(tiny_search) -> None:
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2, "--param", "epochs=25", "--pruner", "none")
+    study = optuna.load_study(study_name="logreg", storage=open_storage(url))
+    worker = tiny_search.start_worker(url, *HEARTBEAT)
+    _wait_until(lambda: _running_mid_trial(study) is not None or worker.poll() is not None, 120,
+                "a trial in the middle of its epochs")
+    assert _running_mid_trial(study) is not None, tiny_search.output()
+    worker.send_signal(signal.SIGTERM)
+    output = _finish(worker, tiny_search, timeout=60)
+    assert "SIGTERM received" in output and "worker finished: logreg 0 trial(s)" in output
+    trials = tiny_search.trials(url)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["reason"].startswith("interrupted after epoch")
+    assert trials[1].system_attrs["fixed_params"] == trials[0].params
+
+
+@pytest.mark.slow
+def test_search_launches_workers_and_prints_the_summary(tiny_search, tmp_path, capsys) -> None:
+    from search.cli import main
+
+    code = main(["search", "--model", "logreg", "--n-trials", "4", "--workers", "2", "--storage",
+                 tiny_search.sqlite_url, "--param", "epochs=2", "--log-dir", str(tmp_path / "logs"),
+                 *tiny_search.data_args()])
+    captured = capsys.readouterr()
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("worker-*.log")))
+    assert code == 0, captured.err + logs
+    header, row = captured.out.strip().splitlines()
+    assert header.split()[:5] == ["study", "finished", "complete", "pruned", "failed"]
+    assert row.split()[:2] == ["logreg", "4/4"]
+    assert "starting 2 worker(s) on CPU" in captured.err
+    assert len(list((tmp_path / "logs").glob("worker-*.log"))) == 2
+    assert sum(t.state in FINISHED for t in tiny_search.trials(tiny_search.sqlite_url)) == 4
