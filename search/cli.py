@@ -122,6 +122,14 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
+    parser.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
+    parser.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1); "
+                                                    "0 creates the studies only")
+    parser.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stl10-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -139,11 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="create the studies, start workers, show progress, print a summary")
     search.add_argument("--model", default="all", help="all, or a comma-separated list of models")
     add_search_arguments(search)
-    search.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
-    search.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
-    search.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1); "
-                                                    "0 creates the studies only")
-    search.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
+    add_launch_arguments(search)
     search.set_defaults(handler="search.commands.search:run_search")
 
     worker = commands.add_parser("worker", help="one worker process pulling trials from shared storage")
@@ -181,10 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the whole job: search, then best, then report (run again to continue)")
     run.add_argument("--model", default="all", help="all (default), or a comma-separated list of models")
     add_search_arguments(run)
-    run.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
-    run.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
-    run.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1)")
-    run.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
+    add_launch_arguments(run)
     run.add_argument("--full-train", action="store_true", help="retrain the best trials on train+validation")
     run.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
     run.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
