@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--prune-trials", type=int, default=12, help="trials per pruning comparison run")
     parser.add_argument("--data-root", type=Path, default=SHARED, help="ImageFolder data for the pruning comparison")
     args = parser.parse_args()
+    from search.cli import quiet_optuna
+
+    quiet_optuna()
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_dataset(Path(tmp) / "tiny")
