@@ -11,12 +11,14 @@ import contextlib
 import hashlib
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from filelock import FileLock
 from torch import nn
+from tqdm import tqdm
 
 from data import ImageSet, augment, batches, normalize
 from search.training import EVAL_BATCH_SIZE, autocast
@@ -51,7 +53,10 @@ def compute_features(
     """Backbone outputs of uint8 images (optionally one augmented view of them), float32 [N, F] on `device`."""
     backbone.eval()
     outputs = []
-    for x, _ in batches(images, torch.zeros(len(images), dtype=torch.long, device=images.device), EVAL_BATCH_SIZE // 4, shuffle=False):
+    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
+    view = "plain" if generator is None else "augmented view"
+    for x, _ in tqdm(batches(images, labels, EVAL_BATCH_SIZE // 4, shuffle=False), total=-(-len(images) // (EVAL_BATCH_SIZE // 4)),
+                     desc=f"backbone features ({view}, once)", unit="batch", leave=False, disable=None, file=sys.stderr):
         x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         if generator is not None:
             x = augment(x, flip_p, max_rotation, generator)
