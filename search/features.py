@@ -54,9 +54,10 @@ def compute_features(
     backbone.eval()
     outputs = []
     labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
-    view = "plain" if generator is None else "augmented view"
-    for x, _ in tqdm(batches(images, labels, EVAL_BATCH_SIZE // 4, shuffle=False), total=-(-len(images) // (EVAL_BATCH_SIZE // 4)),
-                     desc=f"backbone features ({view}, once)", unit="batch", leave=False, disable=None, file=sys.stderr):
+    batch_size = EVAL_BATCH_SIZE // 4
+    progress = tqdm(batches(images, labels, batch_size, shuffle=False), total=-(-len(images) // batch_size),
+                    desc="backbone features (computed once)", unit="batch", leave=False, disable=None, file=sys.stderr)
+    for x, _ in progress:
         x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         if generator is not None:
             x = augment(x, flip_p, max_rotation, generator)
