@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from models import count_trainable
 from search.errors import UserError
 from search.pipeline import fit, load_parts, place
-from search.storage import journal_path, sqlite_path, with_retries
+from search.storage import storage_file, with_retries
 from search.studies import load_settings
 
 BEST_ATTR = "best_result"
@@ -31,7 +31,7 @@ def artifact_dir(url: str, override: Path | None = None) -> Path:
     """Where weights go: --artifacts, else "artifacts" beside a SQLite or journal file, else ./artifacts."""
     if override is not None:
         return Path(override)
-    path = journal_path(url) or sqlite_path(url)
+    path = storage_file(url)
     return (path.parent if path is not None else Path(".")) / "artifacts"
 
 

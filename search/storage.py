@@ -50,6 +50,17 @@ def journal_path(url: str) -> Path | None:
     return Path(url.removeprefix("journal:")) if url.startswith("journal:") else None
 
 
+def storage_file(url: str) -> Path | None:
+    """The file behind a SQLite or journal URL; None for a database server (or a URL open_storage will reject)."""
+    path = journal_path(url)
+    if path is not None:
+        return path
+    try:
+        return sqlite_path(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return None
+
+
 def _prepare_sqlite(path: Path) -> None:
     """WAL lets readers and one writer work at once; it is a property of the file, set once."""
     if path.parent and not path.parent.exists():
@@ -133,7 +144,7 @@ def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str)
 
     Without it two workers can both see one free slot and both start a trial, and the budget overshoots.
     """
-    lock_file = sqlite_path(url) if not url.startswith("journal:") else journal_path(url)
+    lock_file = storage_file(url)
     if lock_file is not None:
         from filelock import FileLock
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import optuna
 import pytest
+import torchvision.datasets
 
 from search.cli import main
 
@@ -90,6 +92,17 @@ def test_bad_search_input_is_one_line_exit_2_and_no_study(case: str, fragments: 
 def test_worker_with_an_unreachable_database_is_a_clean_error(capsys) -> None:
     code = main(["worker", "--model", "logreg", "--storage", "postgresql://u:secret@127.0.0.1:1/db"])
     _assert_clean_error(code, capsys.readouterr().err, "cannot open storage")
+
+
+def test_missing_data_is_found_before_the_storage_file_is_created(tmp_path: Path, capsys, monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", offline)
+    code = main(["search", "--model", "logreg", "--workers", "0", "--storage", f"sqlite:///{tmp_path}/studies.db",
+                 "--dataset", "stl10", "--data-root", str(tmp_path / "empty"), "--cache-dir", str(tmp_path / "c")])
+    _assert_clean_error(code, capsys.readouterr().err, "STL-10")
+    assert not (tmp_path / "studies.db").exists()
 
 
 def test_worker_for_a_study_that_does_not_exist_says_how_to_create_it(tmp_path: Path, capsys) -> None:

@@ -13,7 +13,7 @@ from search.best import artifact_dir, artifact_store, best_trial, format_result,
 from search.cli import parse_models, storage_url
 from search.errors import USER_ERRORS, UserError
 from search.pipeline import resolve_device
-from search.storage import open_storage, redact, sqlite_path, with_retries
+from search.storage import open_storage, redact, storage_file, with_retries
 from search.studies import existing_study_names, study_name
 
 
@@ -24,7 +24,7 @@ def _log(message: str) -> None:
 def open_existing(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage, str]:
     """The storage, refusing to create an empty SQLite file where the user expected their studies."""
     url = storage_url(args)
-    path = sqlite_path(url) if not url.startswith("journal:") else None
+    path = storage_file(url)
     if path is not None and not path.is_file():
         raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
                         "or pass --storage with the URL the search used")

@@ -18,7 +18,7 @@ from search.errors import UserError
 from search.launcher import plan_workers, start_workers, summary_table, supervise
 from search.pipeline import load_parts, resolve_device
 from search.spaces import SPACES, build_space, load_space_file
-from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact
+from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact, storage_file
 from search.studies import PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields, existing_study_names
 from search.studies import load_settings, study_name
 from search.worker import work
@@ -81,10 +81,17 @@ def prepare_data(settings: StudySettings, cache_dir: Path | None) -> None:
         load_mobilenet_v2(config.weights_for(settings.family))
 
 
-def ensure_studies(args: argparse.Namespace, families: list[str], storage, spaces: dict[str, dict[str, Any]]
-                   ) -> list[optuna.Study]:
-    """Create each family's study, or continue it with what the command line changes."""
-    existing = set(existing_study_names(storage))
+def ensure_studies(args: argparse.Namespace, families: list[str], spaces: dict[str, dict[str, Any]]
+                   ) -> tuple[optuna.storages.BaseStorage, str, list[optuna.Study]]:
+    """Create each family's study, or continue it with what the command line changes.
+
+    The data and weights are fetched before anything is written: a storage file that does not exist yet is
+    created only once they are known to be there.
+    """
+    url = storage_url(args)
+    path = storage_file(url)
+    storage = None if path is not None and not path.exists() else open_from_args(args)[0]
+    existing = set(existing_study_names(storage)) if storage is not None else set()
     requested = data_fields(data_config(args)) if data_given(args) else None
     plans = []
     for family in families:
@@ -113,7 +120,8 @@ def ensure_studies(args: argparse.Namespace, families: list[str], storage, space
         plans.append((name, settings))
     for _, settings in plans:
         prepare_data(settings, args.cache_dir)
-    return [create_or_update(storage, name, settings, args.enqueue_reference) for name, settings in plans]
+    storage = storage or open_from_args(args)[0]
+    return storage, url, [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings in plans]
 
 
 def worker_arguments(args: argparse.Namespace) -> list[str]:
@@ -131,8 +139,7 @@ def run_search(args: argparse.Namespace) -> int:
     validate_common(args)
     spaces = space_overrides(args, families)
     slots = plan_workers(args.gpus, args.workers_per_gpu, args.workers)
-    storage, url = open_from_args(args)
-    studies = ensure_studies(args, families, storage, spaces)
+    storage, url, studies = ensure_studies(args, families, spaces)
     print(f"storage {redact(url)}: studies {', '.join(s.study_name for s in studies)}", file=sys.stderr)
     if not slots:
         print("studies created; start workers with: stl10-search worker --model "
@@ -167,7 +174,7 @@ def run_worker(args: argparse.Namespace) -> int:
         raise UserError(f"no study {', '.join(missing)} in {redact(url)}; create it once with `stl10-search search "
                         "--workers 0 ...`, or give this worker --n-trials and the data options to create it")
     if missing or args.n_trials or args.param or args.space:
-        ensure_studies(args, families, storage, space_overrides(args, families))
+        ensure_studies(args, families, space_overrides(args, families))
     overrides = {k: v for k, v in (("cache_dir", args.cache_dir), ("data_root", args.data_root),
                                    ("weights", args.weights)) if v is not None}
     stop = threading.Event()
