@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from data import ImageSet, augment, batches, load_images, normalize, stratified_split
-from models import FAMILIES, MobileNetClassifier, build_model, get_family
+from models import MobileNetClassifier, build_model, get_family
 from search.errors import UserError
 from search.features import FeatureBatches
 from search.training import EVAL_BATCH_SIZE, BatchSource, EpochMetrics, Evaluation, evaluate, make_loss, train
@@ -41,13 +41,15 @@ class DataConfig:
 
 
 def load_parts(config: DataConfig, family: str, with_test: bool = False, full_train: bool = False) -> dict[str, ImageSet]:
-    """{"train", "val"[, "test"]} as uint8 image sets; with full_train, train is train+validation and val is empty."""
+    """{"train", "val"[, "test"]} as uint8 image sets.
+
+    With full_train, train is train+validation; val still holds the validation images, so its curve is no
+    longer a held-out measure (the test split is).
+    """
     size = config.size_for(family)
     everything = load_images(config.dataset, config.data_root, "train", size, config.cache_dir)
     train_idx, val_idx = stratified_split(everything.labels, config.val_fraction, config.split_seed)
-    parts = {"train": everything.subset(train_idx), "val": everything.subset(val_idx)}
-    if full_train:
-        parts = {"train": everything, "val": everything.subset(val_idx)}
+    parts = {"train": everything if full_train else everything.subset(train_idx), "val": everything.subset(val_idx)}
     if with_test:
         parts["test"] = load_images(config.dataset, config.data_root, "test", size, config.cache_dir)
     return parts
@@ -172,4 +174,4 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-__all__ = ["FAMILIES", "DataConfig", "Fit", "ImageBatches", "fit", "load_parts", "place", "prepare", "resolve_device"]
+__all__ = ["DataConfig", "Fit", "ImageBatches", "fit", "load_parts", "place", "prepare", "resolve_device"]
