@@ -67,6 +67,29 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     assert any(k.startswith("dashboard:plot_data:") for k in study._storage.get_study_system_attrs(study._study_id))
 
 
+def test_retraining_reproduces_the_trial_on_the_cpu(tested: dict) -> None:
+    import optuna
+
+    result = optuna.load_study(study_name="logreg", storage=tested["url"]).user_attrs["best_result"]
+    assert result["retrained_val_accuracy"] == result["val_accuracy"]
+
+
+def test_full_train_retrains_on_train_and_validation(searched: dict, tmp_path: Path, capsys) -> None:
+    import sqlite3
+
+    import optuna
+
+    with contextlib.closing(sqlite3.connect(Path(searched["folder"]) / "studies.db")) as source, \
+            contextlib.closing(sqlite3.connect(tmp_path / "studies.db")) as copy:
+        source.backup(copy)
+    url = f"sqlite:///{tmp_path}/studies.db"
+    code = main(["best", "--model", "logreg", "--full-train", "--storage", url, "--cache-dir", searched["cache"]])
+    assert code == 0
+    assert "on train+validation" in capsys.readouterr().err
+    result = optuna.load_study(study_name="logreg", storage=url).user_attrs["best_result"]
+    assert result["full_train"] is True and sum(map(sum, result["confusion_matrix"])) == 24
+
+
 def test_best_twice_prints_the_stored_result(tested: dict, capsys: pytest.CaptureFixture) -> None:
     artifacts = sorted((Path(tested["folder"]) / "artifacts").iterdir())
     code = main(["best", "--model", "logreg", "--storage", tested["url"], "--cache-dir", tested["cache"]])
