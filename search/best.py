@@ -93,7 +93,9 @@ def retrain_and_test(
     log(f"[{study.study_name}] retraining trial #{trial.number} for {params['epochs']} epoch(s) on "
         f"{'train+validation' if full_train else 'train'} ({device})")
     parts = place(load_parts(config, settings.family, with_test=True, full_train=full_train), device)
-    trained = fit(settings.family, params, parts, config, device, seed)
+    trained = fit(settings.family, params, parts, config, device, seed,
+                  on_epoch=lambda m: log(f"[{study.study_name}] epoch {m.epoch}/{params['epochs']}: train loss "
+                                         f"{m.train_loss:.4f}, val accuracy {m.val_accuracy:.2%} ({m.seconds:.1f}s)"))
     test = trained.evaluate("test", device)
     seconds = time.perf_counter() - started
 
