@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import pickle
+import weakref
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,9 @@ from search.training import EVAL_BATCH_SIZE, autocast
 
 VIEW_SEED_BASE = 10_000  # views are shared by all trials, so their randomness must not depend on a trial's seed
 _MEMORY: dict[str, torch.Tensor] = {}
+# A worker keeps its image tensors for its whole life and never changes them in place: hash each one once,
+# not once per view and per trial.
+_IMAGE_DIGESTS: dict[int, str] = {}  # by id(tensor); an entry leaves with its tensor
 
 
 def _digest(*parts: object) -> str:
@@ -39,6 +43,14 @@ def _digest(*parts: object) -> str:
         else:
             h.update(repr(part).encode())
     return h.hexdigest()[:20]
+
+
+def _images_digest(images: torch.Tensor) -> str:
+    key = id(images)
+    if key not in _IMAGE_DIGESTS:
+        _IMAGE_DIGESTS[key] = _digest(images)
+        weakref.finalize(images, _IMAGE_DIGESTS.pop, key, None)  # so a later tensor with this id is hashed anew
+    return _IMAGE_DIGESTS[key]
 
 
 @torch.inference_mode()
@@ -79,7 +91,7 @@ def cached_features(
     """`compute_features` for the plain images (view None) or augmented view `view`, through the caches."""
     weights_digest = weights_digest or _digest(backbone)
     augmentation = None if view is None else (view, float(flip_p), float(max_rotation))
-    key = _digest(images, weights_digest, augmentation)
+    key = _digest(_images_digest(images), weights_digest, augmentation)
     if key in _MEMORY:
         return _MEMORY[key].to(device)
     path = cache_dir / "features" / f"{key}.pt" if cache_dir else None
