@@ -33,6 +33,8 @@ from torchvision import transforms as T
 
 from data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, stratified_split
 from models import FAMILIES, build_model
+from search import cli
+from search.errors import UserError
 from search.pipeline import DataConfig, load_parts, place
 from search.training import EVAL_BATCH_SIZE, autocast
 
@@ -153,11 +155,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, images: int, models: s
 
 
 def parse_models(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in FAMILIES]
-    if unknown or not names:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(FAMILIES)}")
-    return names
+    """The CLI's own reading of --model ("all" or a list), with its message as the script's exit."""
+    try:
+        return cli.parse_models(text)
+    except UserError as error:
+        raise SystemExit(str(error)) from None
 
 
 def clock(device: torch.device) -> float:

@@ -122,6 +122,14 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N")
+
+
+def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+
+
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--test", action="store_true", help="also score the trained model on the test split")
     add_data_arguments(train)
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(train)
     train.set_defaults(handler="search.commands.train:run_train")
 
     search = commands.add_parser("search", help="create the studies, start workers, show progress, print a summary")
@@ -153,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="one worker process pulling trials from shared storage")
     worker.add_argument("--model", required=True, help="a model, or a comma-separated list worked through in turn")
     add_search_arguments(worker)
-    worker.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_argument(worker)
     worker.add_argument("--threads", type=int, help="CPU threads for this worker (default: torch's own choice)")
     worker.set_defaults(handler="search.commands.search:run_worker")
 
@@ -162,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_argument(best)
     best.add_argument("--full-train", action="store_true", help="retrain on train+validation, not train alone")
     best.add_argument("--force", action="store_true", help="retrain even when a result is stored")
-    best.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
-    best.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_artifacts_argument(best)
+    add_device_argument(best)
     best.add_argument("--cache-dir", type=Path, help="this host's cache folder (default ~/.cache/stl10-search)")
     best.add_argument("--data-root", type=Path, help="this host's dataset folder, if not the one the study stored")
     best.set_defaults(handler="search.commands.results:run_best")
@@ -179,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_argument(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    dashboard.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+    add_artifacts_argument(dashboard)
     dashboard.set_defaults(handler="search.commands.results:run_dashboard")
 
     run = commands.add_parser("run", help="the whole job: search, then best, then report (run again to continue)")
@@ -187,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_arguments(run)
     add_launch_arguments(run)
     run.add_argument("--full-train", action="store_true", help="retrain the best trials on train+validation")
-    run.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+    add_artifacts_argument(run)
     run.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
     run.set_defaults(handler="search.commands.results:run_run")
     return parser
