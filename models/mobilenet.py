@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from models.params import ParamError, get_choice, get_float, get_int
+from models.params import get_choice, get_float, get_int
 
 HEAD_DEFAULTS: dict[str, Any] = {"fc1": 400, "fc2": 100, "dropout": 0.05, "head_input": "features"}
 FROZEN_DEFAULTS: dict[str, Any] = dict(HEAD_DEFAULTS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from search.errors import UserError
-from search.studies import Counts, count_trials
+from search.studies import count_trials, counts_of, search_seconds
 from search.storage import with_retries
 
 
@@ -138,11 +138,8 @@ def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], st
 def summary_table(studies: list[optuna.Study], storage) -> str:
     rows = [("study", "finished", "complete", "pruned", "failed", "best val acc", "best trial", "search time")]
     for study in studies:
-        counts: Counts = count_trials(storage, study)
         trials = with_retries(lambda: study.get_trials(deepcopy=False))
-        starts = [t.datetime_start for t in trials if t.datetime_start]
-        ends = [t.datetime_complete for t in trials if t.datetime_complete]
-        span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+        counts, span = counts_of(trials), search_seconds(trials)
         best = best_value(study)
         best_number = with_retries(lambda: study.best_trial.number) if best is not None else None
         rows.append((study.study_name, f"{counts.finished}/{budget_of(study)}", str(counts.complete),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
 from search.pipeline import DataConfig
@@ -174,6 +174,17 @@ class Counts:
 def count_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> Counts:
     """Trials per state, read from the storage itself (not a worker's cache) in one query."""
     study_id = with_retries(lambda: storage.get_study_id_from_name(study.study_name))
-    states = [t.state for t in with_retries(lambda: storage.get_all_trials(study_id, deepcopy=False))]
+    return counts_of(with_retries(lambda: storage.get_all_trials(study_id, deepcopy=False)))
+
+
+def counts_of(trials: list[FrozenTrial]) -> Counts:
+    states = [t.state for t in trials]
     return Counts(*(states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
                                               TrialState.RUNNING, TrialState.WAITING)))
+
+
+def search_seconds(trials: list[FrozenTrial]) -> float:
+    """Wall time of the search: first trial started to last trial finished."""
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0

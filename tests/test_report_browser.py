@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial

@@ -15,7 +15,6 @@ from search.spaces import (
     REFERENCE_PARAMS,
     SPACES,
     build_space,
-    customize,
     load_space_file,
     reference_trial,
     resolve_params,

@@ -11,9 +11,9 @@ from tqdm import tqdm
 from models import build_model, count_trainable, format_layer_table, get_family
 from search.cli import data_config, parse_assignments
 from search.errors import UserError
-from search.pipeline import fit, load_parts, place, resolve_device
+from search.pipeline import Fit, load_parts, place, prepare, resolve_device
 from search.spaces import resolve_params
-from search.training import Diverged, EpochMetrics, check_training_params
+from search.training import Diverged, EpochMetrics, check_training_params, train
 
 HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'time':>6}"
 
@@ -57,9 +57,6 @@ def run_train(args: argparse.Namespace) -> int:
     def on_batch() -> None:
         bar.update()
 
-    from search.pipeline import prepare
-    from search.training import train
-
     model, trained, source = prepare(family, params, parts, config, device, args.seed)
     print(format_layer_table(model))
     print(f"{get_family(family).title}: {count_trainable(model):,} trainable parameters")
@@ -67,16 +64,14 @@ def run_train(args: argparse.Namespace) -> int:
     bar.total = source.num_batches()
     print(HEADER)
     try:
-        train(trained, source, params, device, on_epoch=on_epoch, on_batch=on_batch)
+        history = train(trained, source, params, device, on_epoch=on_epoch, on_batch=on_batch)
     except Diverged as diverged:
         bar.close()
         print(f"stl10-search: {diverged}; try a lower lr (now {params['lr']:g})", file=sys.stderr)
         return 1
     bar.close()
     if args.test:
-        from search.training import evaluate, make_loss
-
-        result = evaluate(trained, source.eval_batches("test"), make_loss(params), device)
+        result = Fit(model, trained, source, history, params).evaluate("test", device)
         print(f"test: loss {result.loss:.4f}, accuracy {result.accuracy:.2%} ({len(parts['test'])} images)")
     print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0

@@ -14,7 +14,8 @@ from models import FAMILIES
 from search.best import BEST_ATTR
 from search.errors import UserError
 from search.storage import with_retries
-from search.studies import SETTINGS_ATTR, Counts, StudySettings, existing_study_names, load_settings
+from search.studies import (SETTINGS_ATTR, Counts, StudySettings, counts_of, existing_study_names, load_settings,
+                            search_seconds)
 
 # The hand-tuned study's figures (SPEC.md, last section), shown next to the search's on STL-10.
 REFERENCE: dict[str, dict[str, Any]] = {
@@ -77,18 +78,6 @@ def find_studies(storage: optuna.storages.BaseStorage, prefix: str = "") -> list
     return sorted(found, key=lambda s: order.index(load_settings(s).family) if load_settings(s).family in order else 99)
 
 
-def _counts(trials: list[FrozenTrial]) -> Counts:
-    states = [t.state for t in trials]
-    return Counts(states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED), states.count(TrialState.FAIL),
-                  states.count(TrialState.RUNNING), states.count(TrialState.WAITING))
-
-
-def _search_seconds(trials: list[FrozenTrial]) -> float:
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
-
-
 def param_importances(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[dict[str, float] | None, str | None]:
     """Optuna's default (PED-ANOVA) importances, or None and why not: too few trials or nothing varied."""
     if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
@@ -118,8 +107,8 @@ def collect(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[Stud
         best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
         stored = study.user_attrs.get(BEST_ATTR)
         current = stored if stored and best and stored.get("trial") == best.number else None
-        report = StudyReport(study, load_settings(study), trials, _counts(trials), best, current,
-                             stale_result=bool(stored) and current is None, search_seconds=_search_seconds(trials))
+        report = StudyReport(study, load_settings(study), trials, counts_of(trials), best, current,
+                             stale_result=bool(stored) and current is None, search_seconds=search_seconds(trials))
         if best is None:
             report.notes.append("no completed trial yet: see the trial table for the reasons")
         if report.stale_result:
