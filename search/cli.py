@@ -78,6 +78,12 @@ def data_config(args: argparse.Namespace):
     )
 
 
+def host_data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """This host's cache folder, data folder and weights, where given: they override what the study stored."""
+    values = {name: getattr(args, name, None) for name in ("cache_dir", "data_root", "weights")}
+    return {name: value for name, value in values.items() if value is not None}
+
+
 def parse_models(text: str) -> list[str]:
     """"all" or a comma-separated list of model families."""
     names = list(FAMILIES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import optuna
 
 from search.best import artifact_dir, artifact_store, best_trial, format_result, retrain_and_test, stored_result
-from search.cli import parse_models, storage_url
+from search.cli import host_data_overrides, parse_models, storage_url
 from search.errors import USER_ERRORS, UserError
 from search.pipeline import resolve_device
 from search.storage import open_storage, redact, storage_file, with_retries
@@ -29,12 +28,6 @@ def open_existing(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage
         raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
                         "or pass --storage with the URL the search used")
     return open_storage(url), url
-
-
-def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """This host's folders, where they differ from the ones stored with the study."""
-    names = {"cache_dir": "cache_dir", "data_root": "data_root", "weights": "weights"}
-    return {key: getattr(args, attr) for key, attr in names.items() if getattr(args, attr, None) is not None}
 
 
 def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, device_name: str
@@ -65,7 +58,7 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
             result = None if getattr(args, "force", False) else stored_result(study, trial, args.full_train)
             if result is None:
                 result = retrain_and_test(study, store, device, full_train=args.full_train,
-                                          data_overrides=_data_overrides(args), log=_log)
+                                          data_overrides=host_data_overrides(args), log=_log)
                 from search.dashboard import save_dashboard_plots
 
                 save_dashboard_plots(study, result)

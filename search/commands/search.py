@@ -13,7 +13,7 @@ import optuna
 import torch
 
 from models import get_family, load_mobilenet_v2
-from search.cli import data_config, parse_assignments, parse_models, storage_url
+from search.cli import data_config, host_data_overrides, parse_assignments, parse_models, storage_url
 from search.errors import UserError
 from search.launcher import plan_workers, start_workers, summary_table, supervise
 from search.pipeline import load_parts, resolve_device
@@ -175,8 +175,7 @@ def run_worker(args: argparse.Namespace) -> int:
                         "--workers 0 ...`, or give this worker --n-trials and the data options to create it")
     if missing or args.n_trials or args.param or args.space:
         ensure_studies(args, families, space_overrides(args, families))
-    overrides = {k: v for k, v in (("cache_dir", args.cache_dir), ("data_root", args.data_root),
-                                   ("weights", args.weights)) if v is not None}
+    overrides = host_data_overrides(args)
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
