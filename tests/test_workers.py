@@ -215,7 +215,11 @@ def test_eight_workers_on_one_sqlite_file_share_the_budget_exactly(tiny_search) 
 
 
 def _running_mid_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """A RUNNING trial that has reported at least one epoch."""
+    """A RUNNING trial that has reported at least one epoch.
+
+    The tests that signal a worker give trials 400 epochs (seconds, not the 0.2 s of 25 tiny epochs), so the
+    signal lands mid-trial rather than after its last epoch, when finishing the trial is the right outcome.
+    """
     running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING and t.intermediate_values]
     return running[0] if running else None
 
@@ -226,7 +230,7 @@ HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
 @pytest.mark.slow
 def test_trial_of_a_killed_worker_is_failed_by_heartbeat_and_run_again(tiny_search) -> None:
     url = tiny_search.sqlite_url
-    tiny_search.create(url, 2, "--param", "epochs=25", "--pruner", "none")
+    tiny_search.create(url, 2, "--param", "epochs=400", "--pruner", "none")
     study = optuna.load_study(study_name="logreg", storage=open_storage(url))
     doomed = tiny_search.start_worker(url, *HEARTBEAT, name="doomed")
     _wait_until(lambda: _running_mid_trial(study) is not None or doomed.poll() is not None, 120,
@@ -252,7 +256,7 @@ def test_trial_of_a_killed_worker_is_failed_by_heartbeat_and_run_again(tiny_sear
 @pytest.mark.slow
 def test_sigterm_stops_a_worker_after_its_epoch_and_leaves_no_trial_running(tiny_search) -> None:
     url = tiny_search.sqlite_url
-    tiny_search.create(url, 2, "--param", "epochs=25", "--pruner", "none")
+    tiny_search.create(url, 2, "--param", "epochs=400", "--pruner", "none")
     study = optuna.load_study(study_name="logreg", storage=open_storage(url))
     worker = tiny_search.start_worker(url, *HEARTBEAT)
     _wait_until(lambda: _running_mid_trial(study) is not None or worker.poll() is not None, 120,
