@@ -34,15 +34,14 @@ from bench.plain import (
     print_table,
     warm_up,
 )
-from models import FAMILIES
-from search.pipeline import prepare, resolve_device, uses_feature_cache
-from search.spaces import resolve_params
-from search.training import train
+from search.family import families, get_family
+from search.pipeline import resolve_device
+from search.trial import prepare, run_trial, uses_feature_cache
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.data_pipeline", description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, images=1000, models=",".join(FAMILIES))
+    add_common_arguments(parser, images=1000, models=",".join(families()))
     args = parser.parse_args()
     families = parse_models(args.models)
     device = resolve_device(args.device)
@@ -50,12 +49,13 @@ def main() -> None:
     loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
         for family in families:
-            size = FAMILIES[family].image_size
+            family_entry = get_family(family)
+            size = family_entry.image_size
             if size not in loaded:
                 loaded[size] = load_bench_data(args, size, Path(image_cache), device)
             data = loaded[size]
             overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-            params = {**resolve_params(family, overrides), "epochs": 1}
+            params = {**family_entry.resolve(overrides), "epochs": 1}
             warm_up(family, params, size, args.weights, device)
             count = len(data.parts["train"])
 
@@ -63,16 +63,18 @@ def main() -> None:
                 forget_features()
                 config = dataclasses.replace(image_config(args, Path(feature_cache)), image_size=size)
                 started = clock(device)
-                model, trained, source = prepare(family, params, data.parts, config, device, args.seed)
+                model, trained, source = prepare(family_entry, params, data.parts, config, device, args.seed)
                 prepared = clock(device)
-                train(trained, TrainOnly(source), params, device)
+                run_trial(family_entry, params, data.parts, config, device, args.seed,
+                          prepared=(model, trained, TrainOnly(source)))
                 project_epoch = clock(device) - prepared
                 prepare_seconds = prepared - started
 
             model = build_plain_model(family, params, size, args.weights, device, args.seed)
             plain = PlainBatches(data.pil, size, params, device, args.seed, args.workers)
             started = clock(device)
-            train(model, TrainOnly(plain), params, device)
+            run_trial(family_entry, params, data.parts, config, device, args.seed,
+                      prepared=(model, model, TrainOnly(plain)))
             plain_epoch = clock(device) - started
 
             rows.append([

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, stratified_split
-from models import FAMILIES, build_model
-from search import cli
 from search.errors import UserError
+from search.family import get_family, parse_families
 from search.pipeline import DataConfig, load_parts, place
 from search.training import EVAL_BATCH_SIZE, autocast
 
-DEFAULT_DATA_ROOT = Path("/work/shared/datasets/cifar10-stl10-sized")
-DEFAULT_WEIGHTS = Path("/work/shared/weights/mobilenet_v2_imagenet_coral.pth")
+# Where the benchmarks find their images and MobileNetV2 weights unless told with --data-root / --weights.
+DATA_ROOT_ENV = "STL10_SEARCH_BENCH_DATA"
+WEIGHTS_ENV = "STL10_SEARCH_BENCH_WEIGHTS"
 
 
 # --- the plain path ---------------------------------------------------------------------------------
@@ -120,8 +121,8 @@ def build_plain_model(family: str, params: dict[str, Any], size: int, weights: P
     """The whole torch model on images, as a user would place it: channels-last only on CUDA (where the shared
     loop's settings apply to both paths); the project also uses it on the CPU, which is part of what is measured."""
     torch.manual_seed(seed)
-    model = build_model(family, params, num_classes=num_classes, image_size=size,
-                        weights=weights if FAMILIES[family].pretrained else None).to(device)
+    model = get_family(family).create_model(params, num_classes=num_classes, image_size=size,
+                                            weights=str(weights) if weights else None).to(device)
     if device.type == "cuda" and family not in ("logreg", "mlp"):
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -146,18 +147,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, images: int, models: s
                         help=f"train images per model (default {images}); validation gets the study's 3:7 share")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--workers", type=int, default=0, help="plain path DataLoader num_workers (default 0)")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
-                        help=f"ImageFolder dataset, DIR/train/<class>/*.jpg (default {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
-                        help=f"torchvision MobileNetV2 state dict (default {DEFAULT_WEIGHTS})")
+    add_data_arguments(parser)
     parser.add_argument("--batch-size", type=int, help="override every model's batch size (default: its reference)")
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-root and --weights, defaulting to $STL10_SEARCH_BENCH_DATA and $STL10_SEARCH_BENCH_WEIGHTS."""
+    data_root, weights = os.environ.get(DATA_ROOT_ENV), os.environ.get(WEIGHTS_ENV)
+    parser.add_argument("--data-root", type=Path, default=Path(data_root) if data_root else None,
+                        required=data_root is None,
+                        help=f"ImageFolder dataset, DIR/train/<class>/*.jpg (default ${DATA_ROOT_ENV})")
+    parser.add_argument("--weights", type=Path, default=Path(weights) if weights else None,
+                        help=f"torchvision MobileNetV2 state dict (default ${WEIGHTS_ENV}, else random weights)")
+
+
 def parse_models(text: str) -> list[str]:
-    """The CLI's own reading of --model ("all" or a list), with its message as the script's exit."""
+    """The families' own reading of --models ("all" or a list), with its message as the script's exit."""
     try:
-        return cli.parse_models(text)
+        return parse_families(text)
     except UserError as error:
         raise SystemExit(str(error)) from None
 
@@ -170,7 +178,8 @@ def clock(device: torch.device) -> float:
 
 
 def image_config(args: argparse.Namespace, cache_dir: Path) -> DataConfig:
-    return DataConfig(dataset="imagefolder", data_root=args.data_root, cache_dir=cache_dir, weights=str(args.weights))
+    return DataConfig(dataset="imagefolder", data_root=args.data_root, cache_dir=cache_dir,
+                      weights=str(args.weights) if args.weights else "none")
 
 
 def load_bench_data(args: argparse.Namespace, size: int, image_cache: Path, device: torch.device) -> BenchData:
@@ -178,7 +187,7 @@ def load_bench_data(args: argparse.Namespace, size: int, image_cache: Path, devi
     images as PIL for the plain path. The cut is a seeded random subset of each part, so classes stay mixed."""
     started = time.perf_counter()
     config = dataclasses.replace(image_config(args, image_cache), image_size=size)
-    parts = load_parts(config, "logreg")
+    parts = load_parts(config, size)
     folder = torchvision.datasets.ImageFolder(str(Path(args.data_root) / "train"))
     labels = torch.tensor(folder.targets)
     train_idx, val_idx = stratified_split(labels, config.val_fraction, config.split_seed)

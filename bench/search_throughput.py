@@ -5,7 +5,7 @@ and what pruning saves for the same number of trials.
 
 Part 1 uses tiny trials (logistic regression, 16px synthetic images, 1 epoch) so that storage and process
 overhead dominate. Part 2 runs a real small search (logistic regression, 32px, 10-epoch budget) on
---data-root (default: the shared CIFAR-10 folder) once with Hyperband pruning and once without.
+--data-root (default $STL10_SEARCH_BENCH_DATA) once with Hyperband pruning and once without.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import optuna
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets" / "cifar10-stl10-sized"
 
 
 def write_tiny_dataset(root: Path, classes: int = 4, per_class: int = 16, size: int = 16) -> Path:
@@ -114,11 +113,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=24, help="tiny trials per throughput run")
     parser.add_argument("--prune-trials", type=int, default=12, help="trials per pruning comparison run")
-    parser.add_argument("--data-root", type=Path, default=SHARED, help="ImageFolder data for the pruning comparison")
+    data_root = os.environ.get("STL10_SEARCH_BENCH_DATA")
+    parser.add_argument("--data-root", type=Path, default=Path(data_root) if data_root else None,
+                        help="ImageFolder data for the pruning comparison (default $STL10_SEARCH_BENCH_DATA)")
     args = parser.parse_args()
-    from search.cli import quiet_optuna
-
-    quiet_optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny_dataset(Path(tmp) / "tiny")
@@ -137,7 +136,7 @@ def main() -> None:
         print(f"storage time per trial (1 worker, in process): {storage_s * 1000:.0f} ms of {trial_s * 1000:.0f} ms "
               f"({storage_s / trial_s:.0%})")
 
-        if not args.data_root.is_dir():
+        if args.data_root is None or not args.data_root.is_dir():
             print(f"Part 2 skipped: {args.data_root} not found")
             return
         print(f"\nPart 2: pruning, logreg at 32px on {args.data_root.name}, {args.prune_trials} trials, "

@@ -34,10 +34,9 @@ from bench.plain import (
     print_table,
     warm_up,
 )
-from models import FAMILIES
-from search.pipeline import fit, resolve_device
-from search.spaces import resolve_params
-from search.training import train
+from search.family import families, get_family
+from search.pipeline import resolve_device
+from search.trial import run_trial
 
 FROZEN = "mobilenet_frozen"
 
@@ -46,7 +45,7 @@ def project_trial(args: argparse.Namespace, family: str, params: dict, data: Ben
     config = dataclasses.replace(image_config(args, cache), image_size=data.size)
     forget_features()
     started = clock(device)
-    fit(family, params, data.parts, config, device, seed=args.seed)
+    run_trial(get_family(family), params, data.parts, config, device, args.seed)
     return clock(device) - started
 
 
@@ -57,7 +56,8 @@ def plain_trial(args: argparse.Namespace, family: str, params: dict, data: Bench
     started = clock(device)
     model = build_plain_model(family, params, data.size, args.weights, device, args.seed)
     source = PlainBatches(data.pil, data.size, params, device, args.seed, args.workers)
-    history = train(model, source, {**params, "epochs": measured}, device)
+    history = run_trial(get_family(family), {**params, "epochs": measured}, data.parts, image_config(args, None),
+                        device, args.seed, prepared=(model, model, source)).history
     seconds = clock(device) - started
     per_epoch = sum(m.seconds for m in history) / len(history)
     return seconds + per_epoch * (int(params["epochs"]) - measured), measured
@@ -65,7 +65,7 @@ def plain_trial(args: argparse.Namespace, family: str, params: dict, data: Bench
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.trial_cost", description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, images=500, models=",".join(FAMILIES))
+    add_common_arguments(parser, images=500, models=",".join(families()))
     parser.add_argument("--epochs", type=int, default=2, help="epochs of every model but the frozen MobileNetV2 (default 2)")
     parser.add_argument("--frozen-epochs", type=int, default=20, help="epochs of the frozen MobileNetV2 (default 20)")
     parser.add_argument("--plain-frozen-epochs", type=int, default=2,
@@ -77,13 +77,13 @@ def main() -> None:
     loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
         for family in families:
-            size = FAMILIES[family].image_size
+            size = get_family(family).image_size
             if size not in loaded:
                 loaded[size] = load_bench_data(args, size, Path(image_cache), device)
             data = loaded[size]
             epochs = args.frozen_epochs if family == FROZEN else args.epochs
             overrides = {"epochs": epochs, **({"batch_size": args.batch_size} if args.batch_size else {})}
-            params = resolve_params(family, overrides)
+            params = get_family(family).resolve(overrides)
             warm_up(family, params, size, args.weights, device)
 
             with tempfile.TemporaryDirectory(prefix="bench-features-") as feature_cache:

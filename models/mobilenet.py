@@ -10,11 +10,6 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from models.params import get_choice, get_float, get_int
-
-HEAD_DEFAULTS: dict[str, Any] = {"fc1": 400, "fc2": 100, "dropout": 0.05, "head_input": "features"}
-FROZEN_DEFAULTS: dict[str, Any] = dict(HEAD_DEFAULTS)
-FINETUNE_DEFAULTS: dict[str, Any] = {**HEAD_DEFAULTS, "fc1": 200, "backbone_lr_factor": 0.1}
 HEAD_INPUTS = ("features", "logits")
 FEATURE_WIDTH = {"features": 1280, "logits": 1000}
 IMAGENET_WEIGHTS = "imagenet"
@@ -89,11 +84,19 @@ class MobileNetClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """For the optimizer: a fine-tuned backbone learns at lr x backbone_lr_factor, the head at lr."""
+        if self.frozen:
+            return [{"params": list(self.head.parameters()), "lr_scale": 1.0}]
+        return [
+            {"params": list(self.head.parameters()), "lr_scale": 1.0},
+            {"params": list(self.backbone.parameters()), "lr_scale": self.backbone_lr_factor},
+        ]
+
 
 def build_head(params: dict[str, Any], in_features: int, num_classes: int) -> nn.Module:
     """Linear(in, fc1), ReLU, Dropout, Linear(fc1, fc2), ReLU, Dropout, Linear(fc2, classes)."""
-    fc1, fc2 = get_int(params, "fc1", 1), get_int(params, "fc2", 1)
-    dropout = get_float(params, "dropout", 0.0, 1.0, high_open=True)
+    fc1, fc2, dropout = int(params["fc1"]), int(params["fc2"]), float(params["dropout"])
     return nn.Sequential(
         nn.Linear(in_features, fc1),
         nn.ReLU(inplace=True),
@@ -106,8 +109,9 @@ def build_head(params: dict[str, Any], in_features: int, num_classes: int) -> nn
 
 
 def build_mobilenet(params: dict[str, Any], num_classes: int, weights: str | Path | None, frozen: bool) -> MobileNetClassifier:
-    head_input = get_choice(params, "head_input", HEAD_INPUTS)
-    factor = 1.0 if frozen else get_float(params, "backbone_lr_factor", 0.0, 10.0)
+    """Reads fc1, fc2, dropout, head_input (features or logits) and, fine-tuned, backbone_lr_factor."""
+    head_input = params["head_input"]
+    factor = 1.0 if frozen else float(params["backbone_lr_factor"])
     backbone = MobileNetBackbone(load_mobilenet_v2(weights), head_input)
     head = build_head(params, backbone.out_features, num_classes)
     return MobileNetClassifier(backbone, head, frozen=frozen, backbone_lr_factor=factor)

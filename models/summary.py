@@ -11,7 +11,6 @@ from torch import nn
 class LayerRow:
     name: str
     kind: str
-    shape: str
     trainable: int
     total: int
 
@@ -27,12 +26,10 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
         own = list(module.parameters(recurse=False))
         if not own:
             continue
-        shape = " x ".join(str(tuple(p.shape)) for p in own)
         rows.append(
             LayerRow(
                 name=name or "(model)",
                 kind=type(module).__name__,
-                shape=shape,
                 trainable=sum(p.numel() for p in own if p.requires_grad),
                 total=sum(p.numel() for p in own),
             )

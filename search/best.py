@@ -20,9 +20,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from models import count_trainable
 from search.errors import UserError
-from search.pipeline import fit, load_parts, place
-from search.storage import storage_file, with_retries
-from search.studies import load_settings
+from search.pipeline import load_parts, place
+from search.storage import storage_file
+from search.studies import best_trial as best_of, load_settings, trial_params, trial_seed
+from search.trial import run_trial
 
 BEST_ATTR = "best_result"
 
@@ -42,11 +43,11 @@ def artifact_store(url: str, override: Path | None = None) -> FileSystemArtifact
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
-    """The completed trial with the highest validation accuracy; a UserError when there is none."""
-    trials = with_retries(lambda: study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if not trials:
+    """The study's best trial (`search.studies.best_trial`); a UserError when none has completed."""
+    trial = best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if trial is None:
         raise UserError(f"study {study.study_name!r} has no completed trial yet; run `stl10-search search` first")
-    return max(trials, key=lambda t: (t.value, -t.number))
+    return trial
 
 
 def stored_result(study: optuna.Study, trial: FrozenTrial | None = None, full_train: bool | None = None
@@ -84,18 +85,21 @@ def retrain_and_test(
     """Train the best trial again up to its best epoch, score it on test, store result and weights on the study."""
     trial = best_trial(study)
     settings = load_settings(study)
-    params = dict(trial.user_attrs.get("params") or trial.params)
-    params["epochs"] = int(trial.user_attrs.get("best_epoch") or params["epochs"])
-    seed = int(trial.user_attrs.get("seed", settings.seed + trial.number))
+    family = settings.model_family()
+    params = trial_params(trial)
+    best_epoch = int(trial.user_attrs.get("best_epoch") or params["epochs"])
+    seed = trial_seed(settings, trial)
     config = settings.data_config(**(data_overrides or {}))
 
     started = time.perf_counter()
-    log(f"[{study.study_name}] retraining trial #{trial.number} for {params['epochs']} epoch(s) on "
+    log(f"[{study.study_name}] retraining trial #{trial.number} for {best_epoch} epoch(s) on "
         f"{'train+validation' if full_train else 'train'} ({device})")
-    parts = place(load_parts(config, settings.family, with_test=True, full_train=full_train), device)
-    trained = fit(settings.family, params, parts, config, device, seed,
-                  on_epoch=lambda m: log(f"[{study.study_name}] epoch {m.epoch}/{params['epochs']}: train loss "
-                                         f"{m.train_loss:.4f}, val accuracy {m.val_accuracy:.2%} ({m.seconds:.1f}s)"))
+    size = family.size_for(params, config.image_size)
+    parts = place(load_parts(config, size, with_test=True, full_train=full_train), device)
+    trained = run_trial(family, params, parts, config, device, seed, stop_after=best_epoch,
+                        on_epoch=lambda m: log(f"[{study.study_name}] epoch {m.epoch}/{best_epoch}: train loss "
+                                               f"{m.train_loss:.4f}, val accuracy {m.val_accuracy:.2%} "
+                                               f"({m.seconds:.1f}s)"))
     test = trained.evaluate("test", device)
     seconds = time.perf_counter() - started
 
@@ -114,13 +118,14 @@ def retrain_and_test(
         "classes": classes,
         "trainable_parameters": count_trainable(trained.model),
         "params": params,
+        "epochs": best_epoch,
         "seed": seed,
         "seconds": seconds,
         "full_train": full_train,
         "device": str(device),
     }
     result.update(_upload_weights(study, trial, trained.model, store))
-    with_retries(lambda: study.set_user_attr(BEST_ATTR, result))
+    study.set_user_attr(BEST_ATTR, result)
     return result
 
 
@@ -130,8 +135,7 @@ def _upload_weights(study: optuna.Study, trial: FrozenTrial, model: torch.nn.Mod
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{study.study_name}-trial{trial.number}.pt"
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-        artifact_id = with_retries(lambda: upload_artifact(study_or_trial=study, file_path=str(path),
-                                                           artifact_store=store))
+        artifact_id = upload_artifact(study_or_trial=study, file_path=str(path), artifact_store=store)
     return {"artifact_id": artifact_id, "artifact_file": path.name}
 
 

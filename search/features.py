@@ -160,6 +160,12 @@ class FeatureBatches:
     def num_batches(self) -> int:
         return -(-len(self.labels["train"]) // self.batch_size)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         view = self.views[(epoch - 1) % len(self.views)]
         yield from batches(view, self.labels["train"], self.batch_size, shuffle=True, generator=self.generator)

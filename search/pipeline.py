@@ -1,20 +1,20 @@
-"""From a data configuration and a params dict to a trained model: the path shared by `train`, trials and `best`."""
+"""From a data configuration to image batches on the training device: what every run of every family reads."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import torch
-from torch import nn
 
 from data import ImageSet, augment, batches, load_images, normalize, stratified_split
-from models import MobileNetClassifier, build_model, get_family
 from search.errors import UserError
-from search.features import FeatureBatches
-from search.training import EVAL_BATCH_SIZE, BatchSource, EpochMetrics, Evaluation, evaluate, make_loss, train
+from search.training import EVAL_BATCH_SIZE
+
+# The DataConfig fields a study stores: every worker on every host reads the same images, split the same way.
+STORED_DATA_FIELDS = ("dataset", "data_root", "val_fraction", "split_seed", "image_size", "weights")
 
 
 def default_cache_dir() -> Path:
@@ -29,24 +29,17 @@ class DataConfig:
     data_root: Path | None = None
     val_fraction: float = 0.3
     split_seed: int = 0
-    image_size: int | None = None  # None: the model family's own input size
+    image_size: int | None = None  # None: the model family's own input size (or the trial's searched one)
     cache_dir: Path | None = field(default_factory=default_cache_dir)
-    weights: str | None = "imagenet"  # MobileNetV2 only: "imagenet", a state-dict path, or "none"
-
-    def size_for(self, family: str) -> int:
-        return self.image_size or get_family(family).image_size
-
-    def weights_for(self, family: str) -> str | None:
-        return self.weights if get_family(family).pretrained else None
+    weights: str | None = "imagenet"  # pretrained families only: "imagenet", a state-dict path, or "none"
 
 
-def load_parts(config: DataConfig, family: str, with_test: bool = False, full_train: bool = False) -> dict[str, ImageSet]:
-    """{"train", "val"[, "test"]} as uint8 image sets.
+def load_parts(config: DataConfig, size: int, with_test: bool = False, full_train: bool = False) -> dict[str, ImageSet]:
+    """{"train", "val"[, "test"]} as uint8 image sets of side `size`.
 
     With full_train, train is train+validation; val still holds the validation images, so its curve is no
     longer a held-out measure (the test split is).
     """
-    size = config.size_for(family)
     everything = load_images(config.dataset, config.data_root, "train", size, config.cache_dir)
     train_idx, val_idx = stratified_split(everything.labels, config.val_fraction, config.split_seed)
     parts = {"train": everything if full_train else everything.subset(train_idx), "val": everything.subset(val_idx)}
@@ -82,6 +75,14 @@ class ImageBatches:
     def num_batches(self) -> int:
         return -(-len(self.parts["train"]) // self.batch_size)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The random state at an epoch boundary: a run resumed from a checkpoint draws what it would have drawn."""
+        return {"generator": self.generator.get_state(), "index_generator": self.index_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.index_generator.set_state(state["index_generator"].cpu())
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
 
@@ -94,69 +95,6 @@ class ImageBatches:
         images = self.parts[part]
         for x, y in batches(images.images, images.labels, EVAL_BATCH_SIZE, shuffle=False):
             yield self._prepare(x), y.to(self.device)
-
-
-@dataclass
-class Fit:
-    """A trained model, the module the loop trained (the head alone on cached features), and its batches."""
-
-    model: nn.Module
-    trained: nn.Module
-    source: BatchSource
-    history: list[EpochMetrics]
-    params: dict[str, Any]
-
-    def evaluate(self, part: str, device: torch.device) -> Evaluation:
-        return evaluate(self.trained, self.source.eval_batches(part), make_loss(self.params), device)
-
-
-def uses_feature_cache(model: nn.Module) -> bool:
-    return isinstance(model, MobileNetClassifier) and model.frozen
-
-
-def prepare(
-    family: str,
-    params: dict[str, Any],
-    parts: dict[str, ImageSet],
-    config: DataConfig,
-    device: torch.device,
-    seed: int,
-) -> tuple[nn.Module, nn.Module, BatchSource]:
-    """Build the model (seeded) and its batch source: (model, module to train, source)."""
-    torch.manual_seed(seed)
-    num_classes = len(parts["train"].classes)
-    model = build_model(family, params, num_classes=num_classes, image_size=config.size_for(family),
-                        weights=config.weights_for(family)).to(device)
-    # channels-last: faster convolutions on GPUs, and on the CPU 2x (inference) to 7x (training) for
-    # MobileNetV2's depthwise convolutions
-    conv = family not in ("logreg", "mlp")
-    if conv:
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # input shapes repeat every batch: pick the fastest kernels once
-    if uses_feature_cache(model):
-        source = FeatureBatches(model.backbone, parts, int(params["batch_size"]), int(params["feature_views"]),
-                                float(params["flip_p"]), float(params["max_rotation"]), device, seed, config.cache_dir)
-        return model, model.head, source
-    source = ImageBatches(parts, int(params["batch_size"]), float(params["flip_p"]), float(params["max_rotation"]),
-                          device, seed, channels_last=conv)
-    return model, model, source
-
-
-def fit(
-    family: str,
-    params: dict[str, Any],
-    parts: dict[str, ImageSet],
-    config: DataConfig,
-    device: torch.device,
-    seed: int = 0,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    on_batch: Callable[[], None] | None = None,
-) -> Fit:
-    """Train `family` with `params` on parts["train"], validating on parts["val"] after every epoch."""
-    model, trained, source = prepare(family, params, parts, config, device, seed)
-    history = train(trained, source, params, device, on_epoch=on_epoch, on_batch=on_batch)
-    return Fit(model, trained, source, history, params)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -174,4 +112,4 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-__all__ = ["DataConfig", "Fit", "ImageBatches", "fit", "load_parts", "place", "prepare", "resolve_device"]
+__all__ = ["STORED_DATA_FIELDS", "DataConfig", "ImageBatches", "load_parts", "place", "resolve_device"]

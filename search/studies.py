@@ -1,15 +1,19 @@
 """A study per model family: its settings live on the study itself, so every worker on any host agrees.
 
-Stored as study user attributes: the budget, the sampler and pruner, the seed, the space overrides and
-the data configuration. Workers read them back; only host-specific paths may be overridden per worker.
+Stored as study user attributes: the budget, the sampler and pruner, the seed, the space overrides, the
+data configuration and, for a family from a file, that file. Workers read them back; only host-specific
+paths may be overridden per worker. The rules every command shares live here too: a trial's seed, which
+trial is the best, and how trials are counted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import uuid
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +21,41 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search.errors import UserError
-from search.pipeline import DataConfig
-from search.spaces import Dim, build_space, reference_trial
-from search.storage import with_retries
+from search.family import Family, get_family, load_family_file
+from search.pipeline import STORED_DATA_FIELDS, DataConfig
+from search.space import Dim, customize
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "halving", "median", "none")
 SETTINGS_ATTR = "settings"
-DATA_FIELDS = ("dataset", "data_root", "val_fraction", "split_seed", "image_size", "weights")
+OBJECTIVE_NAME = "validation accuracy"
 
 
 @dataclass
 class StudySettings:
     family: str
-    n_trials: int
+    n_trials: int | None  # finished trials; None: no count, the time budget ends the search
     sampler: str = "tpe"
     pruner: str = "hyperband"
     seed: int = 0
     space: dict[str, Any] = field(default_factory=dict)  # the user's fixes and narrowed ranges
-    data: dict[str, Any] = field(default_factory=dict)  # DATA_FIELDS of the DataConfig
+    data: dict[str, Any] = field(default_factory=dict)  # STORED_DATA_FIELDS of the DataConfig
+    family_file: str | None = None  # where a family not built in is defined; loaded by every worker
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells a study from an older one of the same name
+
+    def model_family(self) -> Family:
+        if self.family_file:
+            load_family_file(self.family_file)
+        return get_family(self.family)
 
     def dims(self) -> list[Dim]:
-        return build_space(self.family, self.space)
+        """The family's space with the stored overrides; a fixed --image-size fixes a searched image size."""
+        family = self.model_family()
+        dims = family.dims(self.space)
+        size = self.data.get("image_size")
+        if size and any(d.name == "image_size" for d in dims) and "image_size" not in self.space:
+            dims = customize(family.name, dims, {"image_size": size})
+        return dims
 
     def max_epochs(self) -> int:
         epochs = next(d for d in self.dims() if d.name == "epochs")
@@ -47,7 +64,7 @@ class StudySettings:
     def data_config(self, cache_dir: Path | None = None, data_root: Path | None = None,
                     weights: str | None = None) -> DataConfig:
         """The stored data configuration, with this host's cache folder, data folder or weights path if given."""
-        values = dict(self.data)
+        values = {k: v for k, v in self.data.items() if k in STORED_DATA_FIELDS}
         values["data_root"] = data_root or (Path(values["data_root"]) if values.get("data_root") else None)
         if weights is not None:
             values["weights"] = weights
@@ -55,7 +72,7 @@ class StudySettings:
 
 
 def data_fields(config: DataConfig) -> dict[str, Any]:
-    values = {name: getattr(config, name) for name in DATA_FIELDS}
+    values = {name: getattr(config, name) for name in STORED_DATA_FIELDS}
     if values["data_root"] is not None:
         values["data_root"] = str(Path(values["data_root"]).resolve())
     return values
@@ -73,11 +90,22 @@ def load_settings(study: optuna.Study) -> StudySettings:
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         raise UserError(f"study {study.study_name!r} was not created by stl10-search (no settings stored)")
-    return StudySettings(**stored)
+    known = {f.name for f in fields(StudySettings)}
+    values = {k: v for k, v in stored.items() if k in known}
+    values.setdefault("uid", f"{study.study_name}-{study._study_id}")  # a study made before uids were stored
+    return StudySettings(**values)
 
 
 def existing_study_names(storage: optuna.storages.BaseStorage) -> list[str]:
-    return [s.study_name for s in with_retries(lambda: optuna.get_all_study_summaries(storage, include_best_trial=False))]
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_stored_families(storage: optuna.storages.BaseStorage) -> None:
+    """Register the families that the studies in `storage` name by file, so `best` and `report` know them too."""
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        path = (summary.user_attrs.get(SETTINGS_ATTR) or {}).get("family_file")
+        if path and Path(path).is_file():
+            load_family_file(path)
 
 
 def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: StudySettings,
@@ -90,29 +118,45 @@ def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: 
             raise UserError(f"study {name!r} holds model {old.family}, not {settings.family}")
         if old.data != settings.data:
             differences = ", ".join(f"{k}: {old.data.get(k)!r} -> {settings.data.get(k)!r}"
-                                    for k in DATA_FIELDS if old.data.get(k) != settings.data.get(k))
+                                    for k in STORED_DATA_FIELDS if old.data.get(k) != settings.data.get(k))
             raise UserError(f"study {name!r} was created with other data settings ({differences}); "
                             "pass the same data options, or use --study-prefix for a new set of studies")
+        settings.uid = old.uid
     else:
-        study = with_retries(lambda: optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                                         load_if_exists=True))
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+        study.set_metric_names([OBJECTIVE_NAME])
     save_settings(study, settings)
     if enqueue_reference:
-        study.enqueue_trial(reference_trial(settings.family, settings.dims()), user_attrs={"reference": True},
+        family = settings.model_family()
+        study.enqueue_trial(family.reference_trial(settings.dims()), user_attrs={"reference": True},
                             skip_if_exists=True)
     return study
 
 
+def trial_seed(settings: StudySettings, trial: optuna.Trial | FrozenTrial) -> int:
+    """A trial's seed: the one it was queued with (a re-run), else the study seed plus its number."""
+    return int(trial.user_attrs.get("seed", settings.seed + trial.number))
+
+
+def trial_params(trial: FrozenTrial) -> dict[str, Any]:
+    """Every parameter that shaped the trial's run: the sampled ones and the fixed ones resolved with them."""
+    return dict(trial.user_attrs.get("params") or trial.params)
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The completed trial with the highest validation accuracy, the earliest on a tie; None when none completed."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
 def worker_seed(base_seed: int) -> int:
     """Different for every worker process, so parallel samplers do not propose the same points."""
-    import os
-
     return (base_seed * 1_000_003 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())) % 2**31
 
 
-def make_sampler(kind: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, seed: int, n_trials: int | None) -> optuna.samplers.BaseSampler:
     if kind == "tpe":
-        startup = max(4, min(10, n_trials // 4))
+        startup = max(4, min(10, (n_trials or 40) // 4))
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -138,9 +182,8 @@ def load_for_work(storage: optuna.storages.BaseStorage, name: str, seed_offset: 
                   ) -> tuple[optuna.Study, StudySettings]:
     """The study with this worker's sampler and the study's pruner attached."""
     if name not in existing_study_names(storage):
-        raise UserError(f"no study {name!r} in this storage; create it with `stl10-search search` or `create`")
-    plain = optuna.load_study(study_name=name, storage=storage)
-    settings = load_settings(plain)
+        raise UserError(f"no study {name!r} in this storage; create it with `stl10-search search --workers 0`")
+    settings = load_settings(optuna.load_study(study_name=name, storage=storage))
     seed = worker_seed(settings.seed) if seed_offset is None else settings.seed + seed_offset
     study = optuna.load_study(
         study_name=name,
@@ -153,9 +196,13 @@ def load_for_work(storage: optuna.storages.BaseStorage, name: str, seed_offset: 
 
 @dataclass(frozen=True)
 class Counts:
+    """Trials by what happened to them. A failed trial that was queued again (Ctrl-C, a worker that died) is
+    "interrupted", not "failed": failed means the setting itself could not run."""
+
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    interrupted: int = 0
     running: int = 0
     waiting: int = 0
 
@@ -171,16 +218,27 @@ class Counts:
         return self.finished + self.running
 
 
+def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that another trial re-runs: by a stop request ("retry_of") or a heartbeat failure
+    ("failed_trial", set by Optuna's retry callback)."""
+    numbers = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    numbers.discard(None)
+    return numbers  # type: ignore[return-value]
+
+
 def count_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> Counts:
     """Trials per state, read from the storage itself (not a worker's cache) in one query."""
-    study_id = with_retries(lambda: storage.get_study_id_from_name(study.study_name))
-    return counts_of(with_retries(lambda: storage.get_all_trials(study_id, deepcopy=False)))
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return counts_of(storage.get_all_trials(study_id, deepcopy=False))
 
 
 def counts_of(trials: list[FrozenTrial]) -> Counts:
+    requeued = requeued_numbers(trials)
     states = [t.state for t in trials]
-    return Counts(*(states.count(s) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
-                                              TrialState.RUNNING, TrialState.WAITING)))
+    interrupted = sum(t.state == TrialState.FAIL and t.number in requeued for t in trials)
+    return Counts(complete=states.count(TrialState.COMPLETE), pruned=states.count(TrialState.PRUNED),
+                  failed=states.count(TrialState.FAIL) - interrupted, interrupted=interrupted,
+                  running=states.count(TrialState.RUNNING), waiting=states.count(TrialState.WAITING))
 
 
 def search_seconds(trials: list[FrozenTrial]) -> float:

@@ -1,38 +1,52 @@
-"""The one training loop every model and every trial uses.
+"""What one epoch of training and one evaluation are, for every model: optimizer, schedule, loss, the steps.
 
-A run is a model, batches from a source, and a flat params dict. Metrics stay on the device during an
-epoch and are read once at its end, so a CUDA run does not wait on the host after every batch.
+The training parameters are declared once, as search dimensions (`training_space`), with their defaults and
+valid limits. Metrics stay on the device during an epoch and are read once at its end, so a CUDA run does
+not wait on the host after every batch. `search.trial.run_trial` runs the epochs.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from models import ParamError, parameter_groups
-from models.params import get_choice, get_float, get_int
+from search.errors import UserError
+from search.space import Dim, choice, integer, real
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LOSSES = ("cross_entropy", "nll", "label_smoothing")
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "momentum": 0.9,  # SGD and RMSprop only
-    "batch_size": 64,
-    "epochs": 20,
-    "loss": "cross_entropy",
-    "label_smoothing": 0.1,  # loss == "label_smoothing" only
-    "flip_p": 0.5,
-    "max_rotation": 8.0,
-    "feature_views": 4,  # frozen backbone only: augmented views whose features are computed once
-}
-EVAL_BATCH_SIZE = 1024
+SCHEDULES = ("constant", "cosine", "onecycle")
+EVAL_BATCH_SIZE = 1024  # evaluation batches: one fixed shape, padded (see search.pipeline)
+ONECYCLE_MIN_WARMUP = 0.25  # share of the steps a one-cycle schedule rises over when warmup_epochs is shorter
+
+
+def training_space(
+    lr: tuple[float, float] = (1e-4, 1e-2),
+    weight_decay: tuple[float, float] = (1e-6, 1e-2),
+    batch_sizes: tuple[int, ...] = (32, 64, 128, 256),
+    epochs: int = 20,
+) -> list[Dim]:
+    """The training dimensions every family shares; a family chooses the searched ranges and the epoch budget."""
+    return [
+        choice("optimizer", *OPTIMIZERS, default="adam"),
+        real("lr", *lr, log=True, default=1e-3, limits=(1e-8, 10.0), help="peak learning rate"),
+        real("momentum", 0.5, 0.99, default=0.9, limits=(0.0, 0.999),
+             when=lambda p: p["optimizer"] in ("sgd", "rmsprop")),
+        real("weight_decay", *weight_decay, log=True, default=0.0, limits=(0.0, 1.0)),
+        choice("batch_size", *batch_sizes, default=64, limits=(1, 1 << 16)),
+        choice("loss", *LOSSES, default="cross_entropy"),
+        real("label_smoothing", 0.01, 0.2, default=0.1, limits=(0.0, 0.5), when=lambda p: p["loss"] == "label_smoothing"),
+        integer("epochs", epochs, epochs, limits=(1, 10_000),
+                help="a budget: pruning decides how much of it a trial gets"),
+        choice("lr_schedule", *SCHEDULES, default="constant", help="over the epoch budget, per step"),
+        integer("warmup_epochs", 0, 3, default=0, limits=(0, 10_000), help="linear warm-up from zero"),
+        real("flip_p", 0.0, 0.5, default=0.5, limits=(0.0, 1.0), help="horizontal flip probability"),
+        real("max_rotation", 0.0, 15.0, default=8.0, limits=(0.0, 180.0), help="degrees"),
+    ]
 
 
 class Diverged(Exception):
@@ -73,23 +87,57 @@ class BatchSource(Protocol):
     def num_batches(self) -> int: ...
 
 
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters grouped for the optimizer; "lr_scale" multiplies a group's learning rate.
+
+    A model may define `parameter_groups()` itself (a fine-tuned backbone learns slower than its head).
+    """
+    own = getattr(model, "parameter_groups", None)
+    if callable(own):
+        return own()
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+
 def make_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Optimizer:
-    kind = get_choice(params, "optimizer", OPTIMIZERS)
-    lr = get_float(params, "lr", 1e-8, 10.0)
-    decay = get_float(params, "weight_decay", 0.0, 1.0)
-    groups = [
-        {"params": g["params"], "lr": lr * g["lr_scale"]} for g in parameter_groups(model) if g["params"]
-    ]
+    kind, lr, decay = params["optimizer"], float(params["lr"]), float(params["weight_decay"])
+    groups = [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in parameter_groups(model) if g["params"]]
     if not groups:
-        raise ParamError("the model has no trainable parameter")
+        raise UserError("the model has no trainable parameter")
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=decay)
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
-    momentum = get_float(params, "momentum", 0.0, 0.999)
+    momentum = float(params["momentum"])
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=decay)
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=decay)
+
+
+def lr_factor(params: dict[str, Any], step: int, steps_per_epoch: int) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based), defined over the whole epoch budget.
+
+    constant: 1 after warm-up. cosine: warm-up, then half a cosine down to 0. onecycle: a linear rise over at
+    least a quarter of the steps, then a linear fall to 0. The warm-up is linear from 1/steps.
+    """
+    total = max(1, int(params["epochs"]) * steps_per_epoch)
+    warmup = min(total, int(params.get("warmup_epochs", 0)) * steps_per_epoch)
+    schedule = params.get("lr_schedule", "constant")
+    if schedule == "onecycle":
+        warmup = max(warmup, math.ceil(ONECYCLE_MIN_WARMUP * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, params: dict[str, Any], steps_per_epoch: int
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule of `lr_factor`; its state goes into checkpoints with the optimizer's."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(params, step, steps_per_epoch))
 
 
 def make_loss(params: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -97,10 +145,10 @@ def make_loss(params: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], 
 
     NLL over raw logits, which sank some of the study's runs to chance, is not offered: it is a bug.
     """
-    kind = get_choice(params, "loss", LOSSES)
+    kind = params["loss"]
     if kind == "nll":
         return lambda logits, y: nn.functional.nll_loss(torch.log_softmax(logits.float(), dim=1), y)
-    smoothing = get_float(params, "label_smoothing", 0.0, 0.5) if kind == "label_smoothing" else 0.0
+    smoothing = float(params["label_smoothing"]) if kind == "label_smoothing" else 0.0
     return lambda logits, y: nn.functional.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
 
@@ -109,35 +157,25 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def check_training_params(params: dict[str, Any]) -> None:
-    """Fail before any work for a bad training value, not after the data are loaded."""
-    get_int(params, "batch_size", 1, 1 << 16)
-    get_int(params, "epochs", 1, 10_000)
-    if "feature_views" in params:
-        get_int(params, "feature_views", 1, 64)
-    get_float(params, "flip_p", 0.0, 1.0)
-    get_float(params, "max_rotation", 0.0, 180.0)
-    make_loss(params)
-    if get_choice(params, "optimizer", OPTIMIZERS) in ("sgd", "rmsprop"):
-        get_float(params, "momentum", 0.0, 0.999)
-    get_float(params, "lr", 1e-8, 10.0)
-    get_float(params, "weight_decay", 0.0, 1.0)
-
-
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn, device: torch.device) -> Evaluation:
-    """Mean loss, accuracy and predictions over one split, in inference mode."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], loss_fn, device: torch.device) -> Evaluation:
+    """Mean loss, accuracy and predictions over one split, in inference mode.
+
+    A batch is (x, y) or (x, y, n_valid): batches padded to one shape count only their first n_valid rows.
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device)
     predictions, count, correct = [], 0, torch.zeros((), device=device, dtype=torch.long)
-    for x, y in batches:
+    for x, y, *valid in batches:
         with autocast(device):
             logits = model(x)
-        loss_sum += loss_fn(logits, y) * len(y)
+        n = int(valid[0]) if valid else len(y)
+        logits, y = logits[:n], y[:n]
+        loss_sum += loss_fn(logits, y) * n
         predicted = logits.argmax(1)
         correct += (predicted == y).sum()
         predictions.append(predicted)
-        count += len(y)
+        count += n
     return Evaluation(
         loss=loss_sum.item() / max(count, 1),
         accuracy=correct.item() / max(count, 1),
@@ -145,58 +183,31 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     )
 
 
-def train(
+def train_epoch(
     model: nn.Module,
-    source: BatchSource,
-    params: dict[str, Any],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn,
     device: torch.device,
-    *,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
     on_batch: Callable[[], None] | None = None,
-    first_epoch: int = 1,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> list[EpochMetrics]:
-    """Train for params["epochs"] epochs, validating after each one.
-
-    `on_epoch` sees each epoch's metrics and may raise to stop the run (pruning, a stop request).
-    Raises Diverged as soon as an epoch's training loss is not finite.
-    """
-    check_training_params(params)
-    epochs = int(params["epochs"])
-    optimizer = optimizer or make_optimizer(model, params)
-    loss_fn = make_loss(params)
-    history = []
-    for epoch in range(first_epoch, epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        count = 0
-        for x, y in source.train_batches(epoch):
-            with autocast(device):
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            count += len(y)
-            if on_batch is not None:
-                on_batch()
-        train_loss = loss_sum.item() / max(count, 1)
-        if not math.isfinite(train_loss):
-            raise Diverged(epoch, train_loss)
-        val = evaluate(model, source.eval_batches("val"), loss_fn, device)
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=train_loss,
-            train_accuracy=correct.item() / max(count, 1),
-            val_loss=val.loss,
-            val_accuracy=val.accuracy,
-            seconds=time.perf_counter() - started,
-        )
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(metrics)
-    return history
+) -> tuple[float, float]:
+    """One pass of optimizer steps; returns (mean training loss, training accuracy), read once at the end."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    for x, y in batches:
+        with autocast(device):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        count += len(y)
+        if on_batch is not None:
+            on_batch()
+    return loss_sum.item() / max(count, 1), correct.item() / max(count, 1)

@@ -1,7 +1,7 @@
 """A worker process: pull trials of one or more studies from shared storage until their budgets are met.
 
-Per trial it samples params, trains with the one loop, reports validation accuracy per epoch for pruning,
-and stores its seed, curves, state and reason. Storage is touched once per epoch, never per batch.
+Per trial it samples params, runs them through the one trial runner, reports validation accuracy per epoch
+for pruning, and stores its seed, curves, state and reason. Storage is touched once per epoch, never per batch.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ from typing import Any, Callable, Iterator
 
 import optuna
 import torch
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from data import ImageSet
 from models import count_trainable
 from search.errors import USER_ERRORS
-from search.pipeline import DataConfig, load_parts, place, prepare
-from search.spaces import resolve_params, suggest
-from search.storage import budget_lock, with_retries
-from search.studies import StudySettings, count_trials, load_for_work
-from search.training import Diverged, EpochMetrics, make_optimizer, train
+from search.pipeline import DataConfig, load_parts, place
+from search.space import suggest
+from search.storage import budget_lock
+from search.studies import StudySettings, count_trials, load_for_work, trial_seed
+from search.trial import Checkpoint, Interrupted, run_trial
+from search.training import Diverged, EpochMetrics
 
 POLL_SECONDS = 2.0
 MAX_CONSECUTIVE_FAILURES = 3
 
 
-class StopRequested(Exception):
+class StopRequested(Interrupted):
     """The worker was asked to stop (SIGTERM, Ctrl-C); raised at an epoch boundary."""
 
     def __init__(self, epoch: int) -> None:
@@ -53,7 +53,7 @@ class Outcome:
 @contextlib.contextmanager
 def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat in a thread, so that if this process dies the trial is failed and re-run."""
-    interval = storage.get_heartbeat_interval() if isinstance(storage, RDBStorage) else None
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
     if not interval:
         yield
         return
@@ -62,7 +62,7 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iter
     def beat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
-                with_retries(lambda: storage.record_heartbeat(trial._trial_id))
+                storage.record_heartbeat(trial._trial_id)
             if stop.wait(interval):
                 return
 
@@ -81,20 +81,29 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class TrialRunner:
-    """Runs one trial of a study on data already loaded on the device."""
+class StudyWork:
+    """One study's trials on this worker: data loaded once per image size and kept on the device."""
 
-    def __init__(self, study: optuna.Study, settings: StudySettings, parts: dict[str, ImageSet],
-                 config: DataConfig, device: torch.device, stop: threading.Event,
-                 checkpoint_dir: Path | None = None) -> None:
-        self.study, self.settings, self.parts, self.config = study, settings, parts, config
-        self.device, self.stop, self.checkpoint_dir = device, stop, checkpoint_dir
+    def __init__(self, study: optuna.Study, settings: StudySettings, config: DataConfig, device: torch.device,
+                 stop: threading.Event, checkpoint_dir: Path | None, log: Callable[[str], None]) -> None:
+        self.study, self.settings, self.config = study, settings, config
+        self.device, self.stop, self.checkpoint_dir, self.log = device, stop, checkpoint_dir, log
+        self.family = settings.model_family()
         self.dims = settings.dims()
+        self._parts: dict[int, dict[str, ImageSet]] = {}
 
-    def checkpoint_path(self, first_number: int) -> Path | None:
+    def parts(self, size: int) -> dict[str, ImageSet]:
+        if size not in self._parts:
+            self.log(f"[{self.study.study_name}] loading {self.config.dataset} at {size}px on {self.device}")
+            self._parts[size] = place(load_parts(self.config, size), self.device)
+        return self._parts[size]
+
+    def checkpoint(self, first_number: int, params: dict[str, Any], seed: int) -> Checkpoint | None:
         if self.checkpoint_dir is None:
             return None
-        return self.checkpoint_dir / self.study.study_name / f"trial-{first_number}.pt"
+        folder = self.checkpoint_dir / f"{self.study.study_name}-{self.settings.uid[:12]}"
+        identity = {"study": self.settings.uid, "trial": first_number, "params": params, "seed": seed}
+        return Checkpoint(folder / f"trial-{first_number}.pt", identity)
 
     def run(self, trial: optuna.Trial) -> Outcome:
         history: list[dict[str, float]] = []
@@ -116,59 +125,37 @@ class TrialRunner:
             return Outcome(TrialState.FAIL, None, f"failed: {error.__class__.__name__}: {error}")
         finally:
             with contextlib.suppress(Exception):  # also when the trial was already failed as stale
-                with_retries(lambda: trial.set_user_attr("history", history))
+                trial.set_user_attr("history", history)
 
     def _run(self, trial: optuna.Trial, history: list[dict[str, float]]) -> Outcome:
-        params = resolve_params(self.settings.family, suggest(trial, self.dims))
-        seed = int(trial.user_attrs.get("seed", self.settings.seed + trial.number))
+        params = self.family.relevant({**self.family.resolve(), **suggest(trial, self.dims)})
+        self.family.validate(params)
+        seed = trial_seed(self.settings, trial)
         first_number = int(trial.user_attrs.get("first_number", trial.number))
         for key, value in {"seed": seed, "first_number": first_number, "params": params,
                            "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(self.device)}.items():
-            with_retries(lambda: trial.set_user_attr(key, value))
-        model, trained, source = prepare(self.settings.family, params, self.parts, self.config, self.device, seed)
-        with_retries(lambda: trial.set_user_attr("trainable_parameters", count_trainable(model)))
-        optimizer = make_optimizer(trained, params)
-        first_epoch = self._resume(trial, trained, optimizer, first_number, history)
+            trial.set_user_attr(key, value)
         epochs = int(params["epochs"])
-        checkpoint = self.checkpoint_path(first_number)
+
+        def on_start(model: torch.nn.Module, source: Any) -> None:
+            trial.set_user_attr("trainable_parameters", count_trainable(model))
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics.as_dict())
-            with_retries(lambda: trial.report(metrics.val_accuracy, metrics.epoch))
-            if checkpoint is not None:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": trained.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
-                           checkpoint.with_suffix(".tmp"))
-                checkpoint.with_suffix(".tmp").replace(checkpoint)
-            if metrics.epoch < epochs and with_retries(trial.should_prune):  # a finished run is kept
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if metrics.epoch < epochs and trial.should_prune():  # a finished run is kept
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: validation accuracy "
                                          f"{metrics.val_accuracy:.2%}")
             if self.stop.is_set() and metrics.epoch < epochs:
                 raise StopRequested(metrics.epoch)
 
-        if first_epoch <= epochs:
-            train(trained, source, params, self.device, on_epoch=on_epoch, first_epoch=first_epoch, optimizer=optimizer)
+        parts = self.parts(self.family.size_for(params, self.config.image_size))
+        run_trial(self.family, params, parts, self.config, self.device, seed, on_epoch=on_epoch, on_start=on_start,
+                  checkpoint=self.checkpoint(first_number, params, seed))
         best = max(history, key=lambda h: h["val_accuracy"])
-        with_retries(lambda: trial.set_user_attr("best_epoch", int(best["epoch"])))
+        trial.set_user_attr("best_epoch", int(best["epoch"]))
         return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"completed {epochs} epochs; best at epoch "
                                                                    f"{int(best['epoch'])}")
-
-    def _resume(self, trial: optuna.Trial, trained: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                first_number: int, history: list[dict[str, float]]) -> int:
-        """Continue a re-run trial from its last checkpointed epoch, re-reporting the epochs done."""
-        path = self.checkpoint_path(first_number)
-        if path is None or not path.is_file():
-            return 1
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            trained.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, OSError, EOFError, KeyError, ValueError):
-            return 1  # an unreadable checkpoint: start over
-        history.extend(state["history"])
-        for row in history:
-            with_retries(lambda: trial.report(row["val_accuracy"], int(row["epoch"])))
-        return int(history[-1]["epoch"]) + 1 if history else 1
 
 
 @contextlib.contextmanager
@@ -181,19 +168,19 @@ def _unless_already_finished(log: Callable[[str], None], trial: optuna.Trial) ->
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
-    with_retries(lambda: trial.set_user_attr("reason", outcome.reason))
+    trial.set_user_attr("reason", outcome.reason)
     if outcome.state == TrialState.COMPLETE:
-        with_retries(lambda: study.tell(trial, outcome.value))
+        study.tell(trial, outcome.value)
     else:
-        with_retries(lambda: study.tell(trial, state=outcome.state))
+        study.tell(trial, state=outcome.state)
 
 
 def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     """Fail an interrupted trial with its reason and queue the same params and seed to run again."""
-    with_retries(lambda: trial.set_user_attr("reason", reason))
-    with_retries(lambda: study.tell(trial, state=TrialState.FAIL))
+    trial.set_user_attr("reason", reason)
+    study.tell(trial, state=TrialState.FAIL)
     attrs = {k: v for k, v in trial.user_attrs.items() if k in ("seed", "first_number", "reference")}
-    with_retries(lambda: study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number}))
+    study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
 
 
 def work(
@@ -216,25 +203,22 @@ def work(
     for name in study_names:
         study, settings = load_for_work(storage, name, seed_offset)
         config = settings.data_config(**(data_overrides or {}))
-        runner: TrialRunner | None = None
+        runner: StudyWork | None = None
         done[name] = failures = 0
+        budget = settings.n_trials
         while not stop.is_set():
             with contextlib.suppress(Exception):
-                with_retries(lambda: optuna.storages.fail_stale_trials(study))
-            if runner is None:
-                if count_trials(storage, study).finished >= settings.n_trials:
-                    break
-                log(f"[{name}] loading {config.dataset} at {config.size_for(settings.family)}px on {device}")
-                parts = place(load_parts(config, settings.family), device)
-                runner = TrialRunner(study, settings, parts, config, device, stop, checkpoint_dir)
+                optuna.storages.fail_stale_trials(study)
             with budget_lock(storage, url, name):
                 counts = count_trials(storage, study)
-                trial = with_retries(study.ask) if counts.committed < settings.n_trials else None
-            if counts.finished >= settings.n_trials:
+                full = budget is not None and counts.finished >= budget
+                trial = study.ask() if not full and (budget is None or counts.committed < budget) else None
+            if full:
                 break
             if trial is None:
                 time.sleep(POLL_SECONDS)  # the rest is running elsewhere; stay to re-run it if a worker dies
                 continue
+            runner = runner or StudyWork(study, settings, config, device, stop, checkpoint_dir, log)
             started = time.perf_counter()
             try:
                 with heartbeat(storage, trial):

@@ -1,4 +1,4 @@
-"""search/spaces.py: each family's space holds what the study tried by hand; users fix, narrow or restrict it."""
+"""search/space.py and the families' spaces: each holds what the study tried by hand; users fix, narrow or restrict it."""
 
 from __future__ import annotations
 
@@ -8,19 +8,28 @@ import optuna
 import pytest
 from optuna.trial import FixedTrial
 
-from models import FAMILIES
-from models.linear import MAX_MLP_LAYERS
 from search.errors import UserError
-from search.spaces import (
-    REFERENCE_PARAMS,
-    SPACES,
-    build_space,
-    load_space_file,
-    reference_trial,
-    resolve_params,
-    suggest,
-)
+from search.families.mlp import MAX_LAYERS as MAX_MLP_LAYERS
+from search.family import families, get_family
+from search.space import load_space_file, suggest
 from search.studies import StudySettings, create_or_update, load_settings
+
+FAMILIES = families()
+
+
+def build_space(family: str, file_overrides: dict | None = None, cli_overrides: dict | None = None) -> list:
+    """The space as a study builds it: the space file's table, then the command line's."""
+    from search.space import customize
+
+    return customize(family, get_family(family).dims(file_overrides), cli_overrides or {})
+
+
+def resolve_params(family: str, overrides: dict) -> dict:
+    return get_family(family).resolve(overrides)
+
+
+def reference_trial(family: str, dims: list) -> dict:
+    return get_family(family).reference_trial(dims)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -67,8 +76,8 @@ def _dims(family: str, overrides: dict | None = None) -> dict:
     return {d.name: d for d in build_space(family, overrides)}
 
 
-def test_every_family_has_a_space() -> None:
-    assert set(SPACES) == set(FAMILIES) == set(EXPLORED_BY_HAND)
+def test_every_built_in_family_has_a_space() -> None:
+    assert set(FAMILIES) == set(EXPLORED_BY_HAND)
 
 
 @pytest.mark.parametrize("family", list(EXPLORED_BY_HAND))
@@ -92,7 +101,7 @@ def test_fixing_a_parameter_leaves_one_value() -> None:
     assert dims["epochs"].low == dims["epochs"].high == 2
     params = suggest(FixedTrial({"lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
                                  "batch_size": 64, "loss": "nll", "epochs": 2, "flip_p": 0.0,
-                                 "max_rotation": 0.0}), list(dims.values()))
+                                 "max_rotation": 0.0, "lr_schedule": "constant", "warmup_epochs": 0}), list(dims.values()))
     assert params["lr"] == 1e-3 and params["epochs"] == 2
 
 
@@ -116,9 +125,9 @@ def test_a_list_restricts_choices_or_turns_a_range_into_choices() -> None:
 
 
 def test_the_original_space_is_not_changed_by_customizing() -> None:
-    before = list(SPACES["logreg"])
+    before = list(get_family("logreg").space)
     build_space("logreg", {"lr": 1e-3}, {"optimizer": ["adam"]})
-    assert SPACES["logreg"] == before
+    assert list(get_family("logreg").space) == before
 
 
 def test_command_line_overrides_come_after_the_space_file() -> None:
@@ -204,7 +213,7 @@ def test_reference_trial_lies_within_the_space(family: str) -> None:
 
 
 def test_reference_trial_drops_values_a_narrowed_space_excludes() -> None:
-    assert REFERENCE_PARAMS["logreg"]["lr"] == 1e-4
+    assert get_family("logreg").reference["lr"] == 1e-4
     reference = reference_trial("logreg", build_space("logreg", {"lr": "1e-3..1e-2", "epochs": 2}))
     assert "lr" not in reference and "epochs" not in reference
     assert reference["optimizer"] == "adam"
@@ -212,7 +221,8 @@ def test_reference_trial_drops_values_a_narrowed_space_excludes() -> None:
 
 def _mlp_fixed(n_layers: int) -> dict:
     values = {"n_layers": n_layers, "batch_norm": True, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4,
-              "batch_size": 256, "loss": "cross_entropy", "epochs": 50, "flip_p": 0.5, "max_rotation": 8.0}
+              "batch_size": 256, "loss": "cross_entropy", "epochs": 50, "flip_p": 0.5, "max_rotation": 8.0,
+              "lr_schedule": "cosine", "warmup_epochs": 1}
     values.update({f"width_{i}": 2 ** (12 - i) for i in range(1, n_layers + 1)})
     values.update({f"dropout_{i}": 0.1 for i in range(1, n_layers + 1)})
     return values

@@ -1,26 +1,37 @@
-"""search/training.py and the batch sources: losses, reproducibility, divergence, cached features, augmentation."""
+"""search/training.py, search/trial.py and the batch sources: losses, schedules, the one trial runner
+(reproducibility, divergence, checkpoints), cached features, augmentation."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import search.features
-import search.pipeline
 from data import normalize
-from models import build_model
+from search.family import get_family
 from search.features import FeatureBatches
-from search.pipeline import ImageBatches, fit, load_parts, prepare
-from search.spaces import resolve_params
-from search.training import Diverged, EpochMetrics, evaluate, make_loss, train
+from search.pipeline import ImageBatches, load_parts
+from search.training import Diverged, EpochMetrics, evaluate, lr_factor, make_loss
+from search.trial import Checkpoint, Interrupted, prepare, run_trial
 
 CPU = torch.device("cpu")
 
 
 def _params(family: str, **overrides: object) -> dict:
     """The family's reference setting, shrunk to the tiny dataset: 2 epochs, batches of 8."""
-    return resolve_params(family, {"epochs": 2, "batch_size": 8, **overrides})
+    return get_family(family).resolve({"epochs": 2, "batch_size": 8, **overrides})
+
+
+def fit(family: str, params: dict, parts: dict, config, device, seed: int = 0, **kwargs):
+    return run_trial(get_family(family), params, parts, config, device, seed, **kwargs)
+
+
+def build_model(family: str, params: dict, **kwargs) -> nn.Module:
+    return get_family(family).create_model(params, **kwargs)
 
 
 def _frozen_params(**overrides: object) -> dict:
@@ -61,7 +72,7 @@ def test_label_smoothing_differs_from_plain_cross_entropy() -> None:
 
 
 def test_same_seed_gives_identical_histories_on_cpu(tiny_config) -> None:
-    parts = load_parts(tiny_config, "cnn")
+    parts = load_parts(tiny_config, 32)
     params = _params("cnn")
     runs = [fit("cnn", params, parts, tiny_config, CPU, seed=seed).history for seed in (3, 3, 4)]
     losses = [[(m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy) for m in run] for run in runs]
@@ -70,7 +81,7 @@ def test_same_seed_gives_identical_histories_on_cpu(tiny_config) -> None:
 
 
 def test_on_epoch_sees_each_epoch_once_in_order(tiny_config) -> None:
-    parts = load_parts(tiny_config, "cnn")
+    parts = load_parts(tiny_config, 32)
     seen: list[EpochMetrics] = []
     history = fit("cnn", _params("cnn", epochs=3), parts, tiny_config, CPU, on_epoch=seen.append).history
     assert [m.epoch for m in seen] == [1, 2, 3]
@@ -78,7 +89,7 @@ def test_on_epoch_sees_each_epoch_once_in_order(tiny_config) -> None:
 
 
 def test_huge_learning_rate_raises_diverged(tiny_config) -> None:
-    parts = load_parts(tiny_config, "cnn")
+    parts = load_parts(tiny_config, 32)
     params = _params("cnn", epochs=5, optimizer="sgd", lr=10.0, momentum=0.0)
     seen: list[int] = []
     with pytest.raises(Diverged) as caught:
@@ -88,13 +99,159 @@ def test_huge_learning_rate_raises_diverged(tiny_config) -> None:
 
 
 def test_model_that_outputs_nan_raises_diverged_in_its_first_epoch(tiny_config) -> None:
-    parts = load_parts(tiny_config, "cnn")
+    parts = load_parts(tiny_config, 32)
     params = _params("cnn")
-    model, trained, source = prepare("cnn", params, parts, tiny_config, CPU, seed=0)
-    model.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    prepared = prepare(get_family("cnn"), params, parts, tiny_config, CPU, seed=0)
+    prepared[0].register_forward_hook(lambda module, inputs, output: output * float("nan"))
     with pytest.raises(Diverged) as caught:
-        train(trained, source, params, CPU)
+        fit("cnn", params, parts, tiny_config, CPU, prepared=prepared)
     assert caught.value.epoch == 1
+
+
+# --- learning-rate schedules ------------------------------------------------------------------------------
+
+
+def _factors(schedule: str, epochs: int = 10, warmup: int = 0, steps: int = 10) -> list[float]:
+    params = {"lr_schedule": schedule, "epochs": epochs, "warmup_epochs": warmup}
+    return [lr_factor(params, step, steps) for step in range(epochs * steps)]
+
+
+def test_constant_schedule_keeps_the_rate_after_a_linear_warm_up() -> None:
+    factors = _factors("constant", warmup=2)
+    assert factors[:20] == pytest.approx([(i + 1) / 20 for i in range(20)])
+    assert set(factors[20:]) == {1.0}
+
+
+def test_cosine_schedule_falls_from_the_peak_to_zero_over_the_epoch_budget() -> None:
+    factors = _factors("cosine", warmup=1)
+    assert factors[9] == 1.0 and max(factors) == 1.0
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] < 0.001
+    assert factors[10 + 45] == pytest.approx(0.5, abs=0.02)  # half way down after half the decay
+
+
+def test_onecycle_rises_over_a_quarter_of_the_steps_then_falls_linearly_to_zero() -> None:
+    factors = _factors("onecycle")
+    peak = factors.index(max(factors))
+    assert peak == 24 and factors[peak] == 1.0
+    assert factors[0] < 0.05 and factors[-1] < 0.02
+    assert all(a > b for a, b in zip(factors[peak + 1:], factors[peak + 2:]))
+
+
+def test_the_optimizer_follows_the_schedule_step_by_step(tiny_config) -> None:
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=3, lr=0.01, lr_schedule="cosine", warmup_epochs=1)
+    rates: list[float] = []
+    family = get_family("logreg")
+    model, trained, source = prepare(family, params, parts, tiny_config, CPU, 0)
+    original = source.train_batches
+
+    def spying(epoch: int):
+        for batch in original(epoch):
+            yield batch
+            rates.append(optimizer_of[0].param_groups[0]["lr"])
+
+    source.train_batches = spying
+    optimizer_of: list = []
+    import search.trial
+
+    make = search.trial.make_optimizer
+
+    def keep(*args):
+        optimizer_of.append(make(*args))
+        return optimizer_of[0]
+
+    search.trial.make_optimizer = keep
+    try:
+        run_trial(family, params, parts, tiny_config, CPU, 0, prepared=(model, trained, source))
+    finally:
+        search.trial.make_optimizer = make
+    steps = source.num_batches()
+    expected = [0.01 * lr_factor(params, step, steps) for step in range(1, 3 * steps + 1)]
+    assert rates[:-1] == pytest.approx(expected[:-1])  # the rate set for the step after each one
+    assert rates[steps - 1] == pytest.approx(0.01)  # the peak right after the warm-up epoch
+
+
+# --- the one trial runner: stop_after and checkpoints ----------------------------------------------------
+
+
+def test_stopping_at_an_earlier_epoch_reproduces_the_same_epochs_of_the_full_run(tiny_config) -> None:
+    """`best` retrains up to the best epoch on the trial's own schedule, so its epochs equal the trial's."""
+    parts = load_parts(tiny_config, 32)
+    params = _params("cnn", epochs=4, lr_schedule="cosine")
+    full = fit("cnn", params, parts, tiny_config, CPU, seed=1).history
+    short = fit("cnn", params, parts, tiny_config, CPU, seed=1, stop_after=2).history
+    assert short == [dataclasses.replace(m, seconds=s.seconds) for m, s in zip(full[:2], short)]
+
+
+class _StopAfter(Exception):
+    pass
+
+
+def _interrupt_at(epoch: int):
+    def on_epoch(metrics: EpochMetrics) -> None:
+        if metrics.epoch == epoch:
+            raise Interrupted(f"stopped after epoch {epoch}")
+
+    return on_epoch
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(tiny_config, tmp_path) -> None:
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=4, flip_p=0.0, max_rotation=0.0, lr_schedule="cosine")
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"study": "s1", "trial": 0, "params": params, "seed": 5})
+    whole = fit("logreg", params, parts, tiny_config, CPU, seed=5).history
+    with pytest.raises(Interrupted):
+        fit("logreg", params, parts, tiny_config, CPU, seed=5, checkpoint=checkpoint, on_epoch=_interrupt_at(2))
+    assert checkpoint.path.is_file()
+    seen: list[int] = []
+    resumed = fit("logreg", params, parts, tiny_config, CPU, seed=5, checkpoint=checkpoint,
+                  on_epoch=lambda m: seen.append(m.epoch)).history
+    assert seen == [1, 2, 3, 4]  # the restored epochs are reported again, then the new ones
+    assert [m.val_accuracy for m in resumed[:2]] == [m.val_accuracy for m in whole[:2]]
+    assert [m.train_loss for m in resumed] == pytest.approx([m.train_loss for m in whole], rel=1e-4)
+    assert not checkpoint.path.exists()  # deleted once the run is over
+
+
+@pytest.mark.parametrize("changed", ["study", "trial", "params", "seed"])
+def test_a_checkpoint_made_by_another_run_is_deleted_not_resumed(tiny_config, tmp_path, changed: str) -> None:
+    """The old bug: a new study reused trial-<n>.pt of a deleted one and stored its result without training."""
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=3)
+    identity = {"study": "old", "trial": 0, "params": params, "seed": 0}
+    old = Checkpoint(tmp_path / "trial-0.pt", identity)
+    with pytest.raises(Interrupted):
+        fit("logreg", params, parts, tiny_config, CPU, checkpoint=old, on_epoch=_interrupt_at(2))
+    other = {"study": "new", "trial": 1, "params": {**params, "lr": 0.5}, "seed": 9}
+    new = Checkpoint(old.path, {**identity, changed: other[changed]})
+    seen: list[int] = []
+    history = fit("logreg", params, parts, tiny_config, CPU, checkpoint=new, on_epoch=lambda m: seen.append(m.epoch)
+                  ).history
+    assert seen == [1, 2, 3] and len(history) == 3  # trained from the first epoch
+    assert not old.path.exists()
+
+
+def test_a_run_that_fails_deletes_its_checkpoint(tiny_config, tmp_path) -> None:
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=3)
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+
+    def prune_at_two(metrics: EpochMetrics) -> None:
+        if metrics.epoch == 2:
+            raise _StopAfter("pruned")
+
+    with pytest.raises(_StopAfter):
+        fit("logreg", params, parts, tiny_config, CPU, checkpoint=checkpoint, on_epoch=prune_at_two)
+    assert not checkpoint.path.exists()
+
+
+def test_an_unreadable_checkpoint_means_starting_over(tiny_config, tmp_path) -> None:
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=2)
+    path = tmp_path / "trial-0.pt"
+    path.write_bytes(b"not a checkpoint")
+    history = fit("logreg", params, parts, tiny_config, CPU, checkpoint=Checkpoint(path, {"trial": 0})).history
+    assert [m.epoch for m in history] == [1, 2] and all(math.isfinite(m.train_loss) for m in history)
 
 
 # --- cached features of a frozen backbone --------------------------------------------------------------
@@ -144,16 +301,16 @@ def test_cached_feature_path_scores_like_the_image_path(
     tiny_config, fresh_feature_memory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Validation of the head trained on cached features equals validating the whole model on images."""
-    build = search.pipeline.build_model
-    monkeypatch.setattr(search.pipeline, "build_model", lambda *a, **k: _fit_batch_norms(build(*a, **k)))
-    parts = load_parts(tiny_config, "mobilenet_frozen")
+    family = get_family("mobilenet_frozen")
+    fitted = dataclasses.replace(family, build=lambda *args: _fit_batch_norms(family.build(*args)))
+    parts = load_parts(tiny_config, 32)
     params = _frozen_params(lr=1e-2, epochs=6, dropout=0.0, weight_decay=0.0)
-    result = fit("mobilenet_frozen", params, parts, tiny_config, CPU, seed=0)
+    result = run_trial(fitted, params, parts, tiny_config, CPU, 0)
     assert result.trained is result.model.head
     assert isinstance(result.source, FeatureBatches)
     on_features = result.evaluate("val", CPU)
     images = ImageBatches(parts, 8, flip_p=0.0, max_rotation=0.0, device=CPU, seed=0)
-    on_images = evaluate(result.model, images.eval_batches("val"), make_loss(params), CPU)
+    on_images = evaluate(result.model.eval(), images.eval_batches("val"), make_loss(params), CPU)
     assert on_features.loss == pytest.approx(on_images.loss, rel=1e-5)
     assert torch.equal(on_features.predictions, on_images.predictions)
     assert len(set(on_images.predictions.tolist())) > 1  # the head learned something: a meaningful comparison
@@ -162,7 +319,7 @@ def test_cached_feature_path_scores_like_the_image_path(
 
 
 def test_plain_eval_features_are_the_backbone_of_normalized_images(tiny_config, fresh_feature_memory) -> None:
-    parts = load_parts(tiny_config, "mobilenet_frozen")
+    parts = load_parts(tiny_config, 32)
     model = _frozen_mobilenet()
     source = FeatureBatches(model.backbone, parts, 8, 2, 0.5, 8.0, CPU, 0, tiny_config.cache_dir)
     ((features, labels),) = list(source.eval_batches("val"))
@@ -173,7 +330,7 @@ def test_plain_eval_features_are_the_backbone_of_normalized_images(tiny_config, 
 
 
 def test_training_views_are_augmented_and_cycle_by_epoch(tiny_config, fresh_feature_memory) -> None:
-    parts = load_parts(tiny_config, "mobilenet_frozen")
+    parts = load_parts(tiny_config, 32)
     backbone = _frozen_mobilenet().backbone
     source = FeatureBatches(backbone, parts, 8, 2, 0.5, 0.0, CPU, 0, None)  # flips only: exact, checkable views
     with torch.inference_mode():
@@ -192,7 +349,7 @@ def test_training_views_are_augmented_and_cycle_by_epoch(tiny_config, fresh_feat
 def test_second_feature_source_reads_the_cache_instead_of_the_backbone(
     tiny_config, fresh_feature_memory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    parts = load_parts(tiny_config, "mobilenet_frozen")
+    parts = load_parts(tiny_config, 32)
     backbone = _frozen_mobilenet().backbone
     calls: list[int] = []
     compute = search.features.compute_features
@@ -219,7 +376,7 @@ def test_second_feature_source_reads_the_cache_instead_of_the_backbone(
 
 
 def test_other_backbone_weights_are_not_served_from_the_cache(tiny_config, fresh_feature_memory) -> None:
-    parts = load_parts(tiny_config, "mobilenet_frozen")
+    parts = load_parts(tiny_config, 32)
     sources = [
         FeatureBatches(_frozen_mobilenet(seed).backbone, parts, 8, 1, 0.0, 0.0, CPU, 0, tiny_config.cache_dir)
         for seed in (0, 1)
@@ -232,7 +389,7 @@ def test_other_backbone_weights_are_not_served_from_the_cache(tiny_config, fresh
 
 
 def test_augmentation_is_off_at_evaluation(tiny_config) -> None:
-    parts = load_parts(tiny_config, "cnn")
+    parts = load_parts(tiny_config, 32)
     source = ImageBatches(parts, 8, flip_p=1.0, max_rotation=30.0, device=CPU, seed=0)
     first, second = (list(source.eval_batches("val")) for _ in range(2))
     assert len(first) == len(second) == 1
@@ -242,7 +399,7 @@ def test_augmentation_is_off_at_evaluation(tiny_config) -> None:
 
 
 def test_augmentation_is_on_in_training(tiny_config) -> None:
-    parts = load_parts(tiny_config, "cnn")
+    parts = load_parts(tiny_config, 32)
     source = ImageBatches(parts, 64, flip_p=1.0, max_rotation=0.0, device=CPU, seed=0)
     (x, y), = list(source.train_batches(1))
     plain = normalize(parts["train"].images)
@@ -262,7 +419,7 @@ def test_augmentation_is_on_in_training(tiny_config) -> None:
 def test_corrupt_feature_cache_file_is_recomputed(
     tiny_config, fresh_feature_memory, monkeypatch: pytest.MonkeyPatch, content: bytes
 ) -> None:
-    parts = load_parts(tiny_config, "mobilenet_frozen")
+    parts = load_parts(tiny_config, 32)
     backbone = _frozen_mobilenet().backbone
     first = FeatureBatches(backbone, parts, 8, 1, 0.0, 0.0, CPU, 0, tiny_config.cache_dir)
     for path in (tiny_config.cache_dir / "features").glob("*.pt"):

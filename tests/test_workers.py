@@ -17,6 +17,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+import search.trial
 import search.worker
 from search.launcher import plan_workers
 from search.storage import open_storage
@@ -116,14 +117,14 @@ def test_a_queued_trial_in_the_last_free_slot_is_run_not_waited_for(tiny_search)
 
 def test_diverged_trial_is_pruned_with_its_reason(tiny_search, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model whose outputs turn NaN: the loop raises Diverged, the worker prunes the trial and goes on."""
-    prepare = search.worker.prepare
+    prepare = search.trial.prepare
 
     def nan_model(*args, **kwargs):
         model, trained, source = prepare(*args, **kwargs)
         trained.register_forward_hook(lambda module, inputs, output: output * float("nan"))
         return model, trained, source
 
-    monkeypatch.setattr(search.worker, "prepare", nan_model)
+    monkeypatch.setattr(search.trial, "prepare", nan_model)
     url = tiny_search.sqlite_url
     tiny_search.create(url, 2)
     done, _ = _work(tiny_search, url)
@@ -136,7 +137,7 @@ def test_diverged_trial_is_pruned_with_its_reason(tiny_search, monkeypatch: pyte
 
 
 def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_search, monkeypatch) -> None:
-    train = search.worker.train
+    run_trial = search.worker.run_trial
     stop = threading.Event()
 
     def train_then_stop(*args, on_epoch, **kwargs):
@@ -144,9 +145,9 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
             stop.set()  # as SIGTERM would, in the middle of the run
             on_epoch(metrics)
 
-        return train(*args, on_epoch=stop_requested_now, **kwargs)
+        return run_trial(*args, on_epoch=stop_requested_now, **kwargs)
 
-    monkeypatch.setattr(search.worker, "train", train_then_stop)
+    monkeypatch.setattr(search.worker, "run_trial", train_then_stop)
     url = tiny_search.sqlite_url
     tiny_search.create(url, 2, "--pruner", "none")
     done, lines = _work(tiny_search, url, stop)
@@ -160,7 +161,7 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
     assert queued.user_attrs["retry_of"] == interrupted.number
     assert any("interrupted after epoch 1" in line for line in lines)
 
-    monkeypatch.setattr(search.worker, "train", train)
+    monkeypatch.setattr(search.worker, "run_trial", run_trial)
     done, _ = _work(tiny_search, url)  # the next worker runs the queued copy first, then the rest of the budget
     trials = tiny_search.trials(url)
     assert done == {"logreg": 2}
@@ -174,7 +175,7 @@ def test_worker_leaves_a_study_whose_trials_all_fail(tiny_search, monkeypatch: p
     def broken(*args, **kwargs):
         raise RuntimeError("no model today")
 
-    monkeypatch.setattr(search.worker, "prepare", broken)
+    monkeypatch.setattr(search.trial, "prepare", broken)
     url = tiny_search.sqlite_url
     tiny_search.create(url, 5)
     done, lines = _work(tiny_search, url)

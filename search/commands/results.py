@@ -9,11 +9,11 @@ from pathlib import Path
 import optuna
 
 from search.best import artifact_dir, artifact_store, best_trial, format_result, retrain_and_test, stored_result
-from search.cli import host_data_overrides, parse_models, storage_url
+from search.commands.options import host_data_overrides, models, storage_url
 from search.errors import USER_ERRORS, UserError
 from search.pipeline import resolve_device
-from search.storage import open_storage, redact, storage_file, with_retries
-from search.studies import existing_study_names, study_name
+from search.storage import open_storage, redact, storage_file
+from search.studies import existing_study_names, load_stored_families, study_name
 
 
 def _log(message: str) -> None:
@@ -36,7 +36,8 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
 
     Returns (studies with a result, one line per study that had none).
     """
-    families = parse_models(args.model)
+    load_stored_families(storage)
+    families = models(args)
     existing = set(existing_study_names(storage))
     names = [study_name(f, args.study_prefix) for f in families]
     missing = [n for n in names if n not in existing]
@@ -52,7 +53,7 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
     store = artifact_store(url, getattr(args, "artifacts", None))
     tested, problems = 0, []
     for name in names:
-        study = with_retries(lambda: optuna.load_study(study_name=name, storage=storage))
+        study = optuna.load_study(study_name=name, storage=storage)
         try:
             trial = best_trial(study)
             result = None if getattr(args, "force", False) else stored_result(study, trial, args.full_train)

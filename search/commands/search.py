@@ -12,38 +12,35 @@ from typing import Any
 import optuna
 import torch
 
-from models import get_family, load_mobilenet_v2
-from search.cli import data_config, host_data_overrides, parse_assignments, parse_models, storage_url
+from models import load_mobilenet_v2
+from search.commands.options import (data_config, data_given, host_data_overrides, models, parse_assignments,
+                                     storage_url)
 from search.errors import UserError
+from search.family import Family, get_family
 from search.launcher import plan_workers, start_workers, summary_table, supervise
 from search.pipeline import load_parts, resolve_device
-from search.spaces import SPACES, build_space, load_space_file
+from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact, storage_file
-from search.studies import PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields, existing_study_names
-from search.studies import load_settings, study_name
+from search.studies import (PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields, existing_study_names,
+                            load_settings, study_name)
 from search.worker import work
 
-# A new study's budget when --n-trials is not given: more trials where they are cheap or the space is large,
-# fewer for the fine-tuned network, whose trials cost the most.
-DEFAULT_N_TRIALS = {"logreg": 20, "mlp": 20, "cnn": 30, "mobilenet_frozen": 30, "mobilenet_finetune": 12}
-DATA_OPTIONS = ("dataset", "data_root", "val_fraction", "split_seed", "image_size", "weights")
 
-
-def space_overrides(args: argparse.Namespace, families: list[str]) -> dict[str, dict[str, Any]]:
+def space_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
     """Per family: the space file's table, then --param values ("lr=..." for all, "cnn.lr=..." for one)."""
     from_file = load_space_file(args.space) if args.space else {}
-    per_family: dict[str, dict[str, Any]] = {f: dict(from_file.get(f, {})) for f in families}
+    per_family: dict[str, dict[str, Any]] = {f: dict(from_file.get(f, {})) for f in names}
     for key, value in parse_assignments(args.param).items():
         target, _, name = key.rpartition(".")
-        if target and target not in families:
-            raise UserError(f"--param {key}: {target} is not among the models searched ({', '.join(families)})")
-        chosen = [target] if target else [f for f in families if name in {d.name for d in SPACES[f]}]
+        if target and target not in names:
+            raise UserError(f"--param {key}: {target} is not among the models searched ({', '.join(names)})")
+        chosen = [target] if target else [f for f in names if name in {d.name for d in get_family(f).space}]
         if not chosen:
-            raise UserError(f"--param {key}: no model among {', '.join(families)} has a parameter {name!r}")
+            raise UserError(f"--param {key}: no model among {', '.join(names)} has a parameter {name!r}")
         for family in chosen:
             per_family[family][name] = value
     for family, overrides in per_family.items():
-        build_space(family, overrides)  # a bad name, type or empty range fails here, before any storage
+        get_family(family).dims(overrides)  # a bad name, type or empty range fails here, before any storage
     return per_family
 
 
@@ -69,19 +66,23 @@ def open_from_args(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorag
     return storage, url
 
 
-def data_given(args: argparse.Namespace) -> bool:
-    return any(getattr(args, option) is not None for option in DATA_OPTIONS)
+def family_file(family: Family) -> str | None:
+    """The file a family came from, for workers to load it too; None for built-in and installed families."""
+    return family.origin if Path(family.origin).is_file() else None
 
 
 def prepare_data(settings: StudySettings, cache_dir: Path | None) -> None:
     """Download and decode the data once, and fetch pretrained weights, before any worker starts."""
     config = settings.data_config(cache_dir=cache_dir)
-    load_parts(config, settings.family)
-    if get_family(settings.family).pretrained:
-        load_mobilenet_v2(config.weights_for(settings.family))
+    family = settings.model_family()
+    sizes = {d.name: d for d in settings.dims()}.get("image_size")
+    for size in (sizes.choices or (sizes.low,)) if sizes else (family.size_for({}, config.image_size),):
+        load_parts(config, int(size))
+    if family.pretrained:
+        load_mobilenet_v2(config.weights)
 
 
-def ensure_studies(args: argparse.Namespace, families: list[str], spaces: dict[str, dict[str, Any]]
+def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str, dict[str, Any]]
                    ) -> tuple[optuna.storages.BaseStorage, str, list[optuna.Study]]:
     """Create each family's study, or continue it with what the command line changes.
 
@@ -94,30 +95,34 @@ def ensure_studies(args: argparse.Namespace, families: list[str], spaces: dict[s
     existing = set(existing_study_names(storage)) if storage is not None else set()
     requested = data_fields(data_config(args)) if data_given(args) else None
     plans = []
-    for family in families:
-        name = study_name(family, args.study_prefix)
-        if name in existing:
-            old = load_settings(optuna.load_study(study_name=name, storage=storage))
+    for name in names:
+        family = get_family(name)
+        full_name = study_name(name, args.study_prefix)
+        if full_name in existing:
+            old = load_settings(optuna.load_study(study_name=full_name, storage=storage))
             settings = StudySettings(
-                family=family,
+                family=name,
                 n_trials=args.n_trials or old.n_trials,
                 sampler=args.sampler or old.sampler,
                 pruner=args.pruner or old.pruner,
                 seed=old.seed if args.seed is None else args.seed,
-                space=spaces[family] if (args.space or args.param) else old.space,
+                space=spaces[name] if (args.space or args.param) else old.space,
                 data=requested or old.data,
+                family_file=family_file(family) or old.family_file,
+                uid=old.uid,
             )
         else:
             settings = StudySettings(
-                family=family,
-                n_trials=args.n_trials or DEFAULT_N_TRIALS[family],
+                family=name,
+                n_trials=args.n_trials or family.n_trials,
                 sampler=args.sampler or "tpe",
                 pruner=args.pruner or "hyperband",
                 seed=0 if args.seed is None else args.seed,
-                space=spaces[family],
+                space=spaces[name],
                 data=requested or data_fields(data_config(args)),
+                family_file=family_file(family),
             )
-        plans.append((name, settings))
+        plans.append((full_name, settings))
     for _, settings in plans:
         prepare_data(settings, args.cache_dir)
     storage = storage or open_from_args(args)[0]
@@ -127,6 +132,8 @@ def ensure_studies(args: argparse.Namespace, families: list[str], spaces: dict[s
 def worker_arguments(args: argparse.Namespace) -> list[str]:
     """What every launched worker needs besides the storage URL (passed in its environment)."""
     extra = ["--study-prefix", args.study_prefix]
+    for path in args.family_file or []:
+        extra += ["--family-file", str(Path(path).resolve())]
     for flag, value in (("--cache-dir", args.cache_dir), ("--checkpoint-dir", args.checkpoint_dir),
                         ("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
         if value is not None:
@@ -135,20 +142,20 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    families = parse_models(args.model)
+    names = models(args)
     validate_common(args)
-    spaces = space_overrides(args, families)
+    spaces = space_overrides(args, names)
     slots = plan_workers(args.gpus, args.workers_per_gpu, args.workers)
-    storage, url, studies = ensure_studies(args, families, spaces)
+    storage, url, studies = ensure_studies(args, names, spaces)
     print(f"storage {redact(url)}: studies {', '.join(s.study_name for s in studies)}", file=sys.stderr)
     if not slots:
-        print("studies created; start workers with: stl10-search worker --model "
-              f"{','.join(families)} --storage URL", file=sys.stderr)
+        print(f"studies created; start workers with: stl10-search worker --model {','.join(names)} --storage URL",
+              file=sys.stderr)
         return 0
     devices = ", ".join(sorted({f"GPU {s.visible_gpu}" if s.visible_gpu else "CPU" for s in slots}))
     log_dir = Path(args.log_dir)
     print(f"starting {len(slots)} worker(s) on {devices}; logs in {log_dir}/", file=sys.stderr)
-    processes = start_workers(slots, families, url, worker_arguments(args), log_dir)
+    processes = start_workers(slots, names, url, worker_arguments(args), log_dir)
     interrupts = supervise(processes, studies, storage)
     print(summary_table(studies, storage))
     failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
@@ -160,7 +167,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    families = parse_models(args.model)
+    names = models(args)
     validate_common(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -168,14 +175,13 @@ def run_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     storage, url = open_from_args(args)
-    names = [study_name(f, args.study_prefix) for f in families]
-    missing = [n for n in names if n not in existing_study_names(storage)]
+    study_names = [study_name(f, args.study_prefix) for f in names]
+    missing = [n for n in study_names if n not in existing_study_names(storage)]
     if missing and not (args.n_trials and data_given(args)):
         raise UserError(f"no study {', '.join(missing)} in {redact(url)}; create it once with `stl10-search search "
                         "--workers 0 ...`, or give this worker --n-trials and the data options to create it")
     if missing or args.n_trials or args.param or args.space:
-        ensure_studies(args, families, space_overrides(args, families))
-    overrides = host_data_overrides(args)
+        ensure_studies(args, names, space_overrides(args, names))
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
@@ -184,6 +190,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
-    done = work(storage, url, names, device, stop, data_overrides=overrides, checkpoint_dir=args.checkpoint_dir)
+    done = work(storage, url, study_names, device, stop, data_overrides=host_data_overrides(args),
+                checkpoint_dir=args.checkpoint_dir)
     print("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()), flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""`stl10-search train`: one hand-set run, the way the study worked, with a per-epoch table."""
+"""`stl10-search train`: one hand-set run, the way the study worked, with a per-epoch table; and `space`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import time
 
 from tqdm import tqdm
 
-from models import build_model, count_trainable, format_layer_table, get_family
-from search.cli import data_config, parse_assignments
+from models import count_trainable, format_layer_table
+from search.commands.options import data_config, models, parse_assignments
 from search.errors import UserError
-from search.pipeline import Fit, load_parts, place, prepare, resolve_device
-from search.spaces import resolve_params
-from search.training import Diverged, EpochMetrics, check_training_params, train
+from search.family import get_family
+from search.pipeline import load_parts, place, resolve_device
+from search.trial import run_trial
+from search.training import Diverged, EpochMetrics
 
 HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'val loss':>8}  {'val acc':>7}  {'time':>6}"
 
@@ -24,24 +25,27 @@ def format_epoch(m: EpochMetrics) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    family = get_family(args.model).name
+    names = models(args)
+    if len(names) != 1:
+        raise UserError(f"train runs one model at a time; got --model {args.model}")
+    family = get_family(names[0])
     overrides = parse_assignments(args.param)
-    ranges = [k for k, v in overrides.items() if isinstance(v, (list, str)) and (isinstance(v, list) or ".." in v)]
+    ranges = [k for k, v in overrides.items() if isinstance(v, list) or (isinstance(v, str) and ".." in v)]
     if ranges:
         raise UserError(f"train takes one value per parameter; {', '.join(ranges)} given a range or list "
                         "(ranges are for `stl10-search search`)")
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    params = resolve_params(family, overrides)
-    check_training_params(params)
+    params = family.resolve(overrides)
     config = data_config(args)
+    size = family.size_for(params, config.image_size)
     # bad architecture values or weights fail before any data is loaded
-    build_model(family, params, image_size=args.image_size, weights=config.weights_for(family))
+    family.create_model(params, image_size=size, weights=config.weights)
     device = resolve_device(args.device)
 
     started = time.perf_counter()
-    print(f"loading {config.dataset} at {config.size_for(family)}px ...", file=sys.stderr, flush=True)
-    parts = place(load_parts(config, family, with_test=args.test), device)
+    print(f"loading {config.dataset} at {size}px ...", file=sys.stderr, flush=True)
+    parts = place(load_parts(config, size, with_test=args.test), device)
     print(f"train {len(parts['train'])}, validation {len(parts['val'])}"
           + (f", test {len(parts['test'])}" if "test" in parts else "")
           + f" images, {len(parts['train'].classes)} classes ({time.perf_counter() - started:.1f}s); device {device}",
@@ -49,29 +53,47 @@ def run_train(args: argparse.Namespace) -> int:
 
     bar = tqdm(total=0, unit="batch", leave=False, disable=None, file=sys.stderr)
 
+    def on_start(model, source) -> None:
+        print(format_layer_table(model))
+        print(f"{family.title}: {count_trainable(model):,} trainable parameters")
+        print("params: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+        bar.total = source.num_batches()
+        print(HEADER)
+
     def on_epoch(metrics: EpochMetrics) -> None:
         bar.clear()
         print(format_epoch(metrics), flush=True)
         bar.reset()
 
-    def on_batch() -> None:
-        bar.update()
-
-    model, trained, source = prepare(family, params, parts, config, device, args.seed)
-    print(format_layer_table(model))
-    print(f"{get_family(family).title}: {count_trainable(model):,} trainable parameters")
-    print("params: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-    bar.total = source.num_batches()
-    print(HEADER)
     try:
-        history = train(trained, source, params, device, on_epoch=on_epoch, on_batch=on_batch)
+        fit = run_trial(family, params, parts, config, device, args.seed, on_start=on_start, on_epoch=on_epoch,
+                        on_batch=bar.update)
     except Diverged as diverged:
-        bar.close()
         print(f"stl10-search: {diverged}; try a lower lr (now {params['lr']:g})", file=sys.stderr)
         return 1
-    bar.close()
+    finally:
+        bar.close()
     if args.test:
-        result = Fit(model, trained, source, history, params).evaluate("test", device)
+        result = fit.evaluate("test", device)
         print(f"test: loss {result.loss:.4f}, accuracy {result.accuracy:.2%} ({len(parts['test'])} images)")
     print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
+def run_space(args: argparse.Namespace) -> int:
+    """Print each family's parameters as the search sees them: what --param and --space files can change."""
+    for name in models(args):
+        family = get_family(name)
+        reference = family.resolve()
+        rows = [("parameter", "searched", "reference", "valid values", "notes")]
+        for dim in family.space:
+            valid = ", ".join(dim.allowed) if dim.named else (
+                f"{dim.limits[0]:g}..{dim.limits[1]:g}" if dim.limits else "-")
+            rows.append((dim.name, dim.describe(), str(reference.get(dim.name, "-")), valid,
+                         dim.help + (" (conditional)" if dim.when else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        print(f"{family.name}: {family.title} ({family.origin}; default budget {family.n_trials} trials)")
+        for row in rows:
+            print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+        print()
     return 0

@@ -18,7 +18,8 @@ import optuna
 
 from data import DataError, load_images
 from search.errors import UserError
-from search.report.collect import REFERENCE, StudyReport, collect, trial_reason, trial_seconds
+from search.studies import trial_params
+from search.report.collect import StudyReport, collect, trial_reason, trial_seconds
 from search.report.html import render_html
 from search.report.markdown import render_markdown
 from search.report.pictures import PICTURE_SIZE, augmentation_picture, data_grid
@@ -65,7 +66,7 @@ def _trial_record(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[
         "reason": trial_reason(trial),
         "seed": trial.user_attrs.get("seed"),
         "trainable_parameters": trial.user_attrs.get("trainable_parameters"),
-        "params": trial.user_attrs.get("params") or trial.params,
+        "params": trial_params(trial),
         "history": trial.user_attrs.get("history", []),
     }
 
@@ -76,7 +77,7 @@ def best_params(reports: list[StudyReport]) -> dict[str, Any]:
         r.name: {"model": r.settings.family, "trial": r.best.number, "val_accuracy": r.best.value,
                  "best_epoch": r.best.user_attrs.get("best_epoch"), "seed": r.best.user_attrs.get("seed"),
                  "test_accuracy": (r.result or {}).get("test_accuracy"),
-                 "params": r.best.user_attrs.get("params") or r.best.params}
+                 "params": trial_params(r.best)}
         for r in reports if r.best is not None
     }
 
@@ -149,4 +150,4 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
     return written
 
 
-__all__ = ["FORMATS", "REFERENCE", "parse_formats", "write_report"]
+__all__ = ["FORMATS", "parse_formats", "write_report"]

@@ -10,21 +10,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from models import FAMILIES
 from search.best import BEST_ATTR
 from search.errors import UserError
-from search.storage import with_retries
-from search.studies import (SETTINGS_ATTR, Counts, StudySettings, counts_of, existing_study_names, load_settings,
-                            search_seconds)
+from search.family import families, get_family
+from search.studies import (SETTINGS_ATTR, Counts, StudySettings, best_trial, counts_of, existing_study_names,
+                            load_settings, load_stored_families, search_seconds)
 
-# The hand-tuned study's figures (SPEC.md, last section), shown next to the search's on STL-10.
-REFERENCE: dict[str, dict[str, Any]] = {
-    "logreg": {"val_accuracy": 0.261, "test_accuracy": 0.2479, "test_loss": 2.244, "parameters": "122,890"},
-    "mlp": {"val_accuracy": 0.399, "test_accuracy": 0.3766, "test_loss": 1.696, "parameters": "27,960,202"},
-    "cnn": {"val_accuracy": 0.639, "test_accuracy": 0.5758, "test_loss": 1.193, "parameters": "162,064"},
-    "mobilenet_frozen": {"val_accuracy": 0.855, "test_accuracy": 0.8294, "test_loss": 0.518, "parameters": "head only"},
-    "mobilenet_finetune": {"val_accuracy": 0.871, "test_accuracy": 0.8813, "test_loss": 0.389, "parameters": "all"},
-}
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
 
@@ -49,11 +40,12 @@ class StudyReport:
 
     @property
     def title(self) -> str:
-        return FAMILIES[self.settings.family].title
+        return get_family(self.settings.family).title
 
     @property
     def reference(self) -> dict[str, Any] | None:
-        return REFERENCE.get(self.settings.family) if self.settings.data.get("dataset") == "stl10" else None
+        """The hand-tuned study's figures, shown beside the search's when the data is STL-10 as theirs was."""
+        return get_family(self.settings.family).study_results if self.settings.data.get("dataset") == "stl10" else None
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -68,14 +60,15 @@ class StudyReport:
 
 def find_studies(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[optuna.Study]:
     """The studies of this tool (settings stored, named prefix + model), in the models' order."""
+    load_stored_families(storage)
+    order = list(families())
     found = []
     for name in existing_study_names(storage):
-        study = with_retries(lambda: optuna.load_study(study_name=name, storage=storage))
+        study = optuna.load_study(study_name=name, storage=storage)
         settings = study.user_attrs.get(SETTINGS_ATTR)
-        if settings and name == prefix + settings.get("family", ""):
+        if settings and name == prefix + settings.get("family", "") and settings["family"] in order:
             found.append(study)
-    order = list(FAMILIES)
-    return sorted(found, key=lambda s: order.index(load_settings(s).family) if load_settings(s).family in order else 99)
+    return sorted(found, key=lambda s: order.index(load_settings(s).family))
 
 
 def param_importances(study: optuna.Study, complete: list[FrozenTrial]) -> tuple[dict[str, float] | None, str | None]:
@@ -102,9 +95,9 @@ def collect(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[Stud
                         + "; run `stl10-search search` (or `run`) first")
     reports = []
     for study in studies:
-        trials = with_retries(lambda: study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        best = best_trial(trials)
         stored = study.user_attrs.get(BEST_ATTR)
         current = stored if stored and best and stored.get("trial") == best.number else None
         report = StudyReport(study, load_settings(study), trials, counts_of(trials), best, current,

@@ -10,7 +10,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data import ImageSet, augment
-from search.training import TRAINING_DEFAULTS
 
 PICTURE_SIZE = 96
 _GAP = 4
@@ -48,7 +47,7 @@ def augmentation_picture(images: ImageSet, seed: int = 0) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
     index = int(torch.randint(len(images), (1,), generator=generator))
     original = images.images[index : index + 1].cpu().float()
-    max_rotation = float(TRAINING_DEFAULTS["max_rotation"])
+    max_rotation = 8.0  # the study's
     flipped = augment(original, 1.0, 0.0, generator)
     rotated = original
     while torch.equal(rotated, original):  # a draw of exactly 0 degrees would show nothing

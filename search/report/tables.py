@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from search.studies import trial_params
 from search.report.collect import StudyReport, trial_reason, trial_seconds
 
 Table = tuple[list[str], list[list[str]]]  # headers, rows
@@ -21,6 +22,11 @@ def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def count_text(value: int | str | None) -> str:
+    """A parameter count with thousands separators; words ("head only") as they are."""
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def value_text(value: Any) -> str:
@@ -42,13 +48,13 @@ def summary_table(reports: list[StudyReport]) -> Table:
     for r in reports:
         result = r.result or {}
         row = [r.title, r.name, percent(r.best.value if r.best else None), percent(result.get("test_accuracy")),
-               number(result.get("test_loss")), f"{r.parameters:,}" if r.parameters is not None else "-",
+               number(result.get("test_loss")), count_text(r.parameters),
                f"{r.counts.finished}/{r.settings.n_trials}", str(r.counts.pruned), str(r.counts.failed),
                duration(r.search_seconds)]
         if with_reference:
             ref = r.reference or {}
             row += [percent(ref.get("val_accuracy")), percent(ref.get("test_accuracy")),
-                    number(ref.get("test_loss"), 3), ref.get("parameters", "-")]
+                    number(ref.get("test_loss"), 3), count_text(ref.get("parameters"))]
         rows.append(row)
     return headers, rows
 
@@ -56,7 +62,7 @@ def summary_table(reports: list[StudyReport]) -> Table:
 def best_params_table(report: StudyReport) -> Table:
     if report.best is None:
         return ["parameter", "value", ""], []
-    params = report.best.user_attrs.get("params") or report.best.params
+    params = trial_params(report.best)
     searched = set(report.best.params)
     rows = [[name, value_text(value), "searched" if name in searched else "fixed"] for name, value in sorted(params.items())]
     rows.append(["best epoch", str(report.best.user_attrs.get("best_epoch", "-")), "chosen on validation"])

@@ -1,0 +1,187 @@
+"""The one trial runner: every command that trains (a search worker's trial, `best`'s retrain, `train`) runs here.
+
+It builds the model (seeded), its batch source, optimizer and schedule; resumes from a checkpoint that
+carries what made it; runs the epochs, validating after each; and reports each epoch through one callback,
+which may raise to end the run (pruning, a stop request, a time budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from data import ImageSet
+from search.family import Family
+from search.features import FeatureBatches
+from search.pipeline import DataConfig, ImageBatches
+from search.training import (BatchSource, Diverged, EpochMetrics, Evaluation, evaluate, make_loss, make_optimizer,
+                             make_schedule, train_epoch)
+
+_log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Raised from `on_epoch` to stop a run that will be resumed later: its checkpoint is kept."""
+
+
+@dataclass
+class Fit:
+    """A trained model, the module the loop trained (the head alone on cached features), and its batches."""
+
+    model: nn.Module
+    trained: nn.Module
+    source: BatchSource
+    history: list[EpochMetrics]
+    params: dict[str, Any]
+
+    def evaluate(self, part: str, device: torch.device) -> Evaluation:
+        return evaluate(self.trained, self.source.eval_batches(part), make_loss(self.params), device)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run's last epoch is saved, and what made the run.
+
+    `identity` (study, trial, params, seed, data) is saved with the weights and compared on load: a file
+    made by another study, trial, setting or dataset is never resumed from, only deleted.
+    """
+
+    path: Path
+    identity: dict[str, Any]
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=True)
+            matches = isinstance(state, dict) and state.get("identity") == self.identity
+        except Exception as error:  # noqa: BLE001 - an unreadable checkpoint means starting over, not failing
+            _log.warning("ignoring unreadable checkpoint %s (%s)", self.path, error)
+            matches = False
+        if not matches:
+            _log.warning("checkpoint %s was made by another run; starting over", self.path)
+            self.discard()
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write then rename, so a run killed mid-write leaves the previous epoch's file intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        torch.save({**state, "identity": self.identity}, temporary)
+        os.replace(temporary, self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def uses_feature_cache(model: nn.Module) -> bool:
+    """A frozen backbone (with `backbone`, `head` and `frozen` set): its features are computed once, not per epoch."""
+    return bool(getattr(model, "frozen", False)) and hasattr(model, "backbone") and hasattr(model, "head")
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def prepare(family: Family, params: dict[str, Any], parts: dict[str, ImageSet], config: DataConfig,
+            device: torch.device, seed: int) -> tuple[nn.Module, nn.Module, BatchSource]:
+    """Build the model (seeded) and its batch source: (model, module to train, source)."""
+    torch.manual_seed(seed)
+    num_classes = len(parts["train"].classes)
+    size = parts["train"].images.shape[-1]
+    model = family.create_model(params, num_classes=num_classes, image_size=size, weights=config.weights).to(device)
+    # channels-last: faster convolutions on GPUs, and on the CPU 2x (inference) to 7x (training) for
+    # MobileNetV2's depthwise convolutions
+    conv = has_convolutions(model)
+    if conv:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = family.cudnn_benchmark
+    if uses_feature_cache(model):
+        source = FeatureBatches(model.backbone, parts, int(params["batch_size"]), int(params["feature_views"]),
+                                float(params["flip_p"]), float(params["max_rotation"]), device, seed, config.cache_dir)
+        return model, model.head, source
+    source = ImageBatches(parts, int(params["batch_size"]), float(params["flip_p"]), float(params["max_rotation"]),
+                          device, seed, channels_last=conv)
+    return model, model, source
+
+
+def run_trial(
+    family: Family,
+    params: dict[str, Any],
+    parts: dict[str, ImageSet],
+    config: DataConfig,
+    device: torch.device,
+    seed: int,
+    *,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
+    on_start: Callable[[nn.Module, BatchSource], None] | None = None,
+    checkpoint: Checkpoint | None = None,
+    stop_after: int | None = None,
+    prepared: tuple[nn.Module, nn.Module, BatchSource] | None = None,
+) -> Fit:
+    """Train `family` with `params` on parts["train"], validating on parts["val"] after every epoch.
+
+    The schedule spans params["epochs"]; `stop_after` ends the run earlier on that same schedule (`best`
+    retrains up to the trial's best epoch). `on_epoch` also sees the epochs restored from a checkpoint,
+    first, so a caller reports one history whatever was resumed. Raises Diverged when an epoch's training
+    loss is not finite. The checkpoint is deleted when the run ends, unless it ends by `Interrupted`.
+    `prepared` is a (model, module to train, batch source) built elsewhere: the benchmarks' plain path.
+    """
+    model, trained, source = prepared or prepare(family, params, parts, config, device, seed)
+    if on_start is not None:
+        on_start(model, source)
+    optimizer = make_optimizer(trained, params)
+    schedule = make_schedule(optimizer, params, source.num_batches())
+    loss_fn = make_loss(params)
+    last = min(int(params["epochs"]), stop_after or int(params["epochs"]))
+    history: list[EpochMetrics] = []
+    try:
+        restored = checkpoint.load(device) if checkpoint is not None else None
+        if restored is not None:
+            trained.load_state_dict(restored["model"])
+            optimizer.load_state_dict(restored["optimizer"])
+            schedule.load_state_dict(restored["schedule"])
+            if restored.get("source") is not None:
+                source.load_state_dict(restored["source"])
+            history = [EpochMetrics(**row) for row in restored["history"]]
+            for metrics in history:
+                if on_epoch is not None:
+                    on_epoch(metrics)
+        for epoch in range(len(history) + 1, last + 1):
+            started = time.perf_counter()
+            train_loss, train_accuracy = train_epoch(trained, source.train_batches(epoch), optimizer, schedule,
+                                                     loss_fn, device, on_batch)
+            if not math.isfinite(train_loss):
+                raise Diverged(epoch, train_loss)
+            val = evaluate(trained, source.eval_batches("val"), loss_fn, device)
+            metrics = EpochMetrics(epoch, train_loss, train_accuracy, val.loss, val.accuracy,
+                                   time.perf_counter() - started)
+            history.append(metrics)
+            if checkpoint is not None and epoch < last:
+                checkpoint.save({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "schedule": schedule.state_dict(), "history": [m.as_dict() for m in history],
+                                 "source": source.state_dict() if hasattr(source, "state_dict") else None})
+            if on_epoch is not None:
+                on_epoch(metrics)
+    except Interrupted:
+        raise
+    except Exception:  # the run is over (pruned, diverged, failed): nothing to resume. A killed process keeps it.
+        if checkpoint is not None:
+            checkpoint.discard()
+        raise
+    if checkpoint is not None:
+        checkpoint.discard()
+    return Fit(model, trained, source, history, params)
