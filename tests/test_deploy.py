@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 from pathlib import Path
@@ -94,10 +95,22 @@ def slurm_commands() -> list[tuple[str, list[str]]]:
     return [(SLURM_SCRIPT.name, words) for words in script_cli_arguments(script, variables)]
 
 
+def exact_parser() -> argparse.ArgumentParser:
+    """The CLI's parser, taking flags only as spelled in full: an example that abbreviates (--checkpoint for
+    --checkpoint-dir) breaks once another flag shares the prefix."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                subparser.allow_abbrev = False
+    parser.allow_abbrev = False
+    return parser
+
+
 def parse_cli(source: str, words: list[str]):
     """The parsed command line; a test failure naming the source when the CLI rejects it."""
     try:
-        args = build_parser().parse_args(words)
+        args = exact_parser().parse_args(words)
     except SystemExit as error:
         pytest.fail(f"{source}: `stl10-search {shlex.join(words)}` is not a valid command line (exit {error.code})")
     if getattr(args, "model", None) is not None:
