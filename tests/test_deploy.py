@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from search.cli import build_parser, parse_models
+from search.cli import build_parser
+from search.family import parse_families
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S = DEPLOY / "k8s"
@@ -114,7 +115,7 @@ def parse_cli(source: str, words: list[str]):
     except SystemExit as error:
         pytest.fail(f"{source}: `stl10-search {shlex.join(words)}` is not a valid command line (exit {error.code})")
     if getattr(args, "model", None) is not None:
-        parse_models(args.model)  # an unknown model family is a UserError
+        parse_families(args.model)  # an unknown model family is a UserError
     return args
 
 
