@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from search.report.collect import StudyReport
+from search.studies import OBJECTIVE_NAME
 
 
 def learning_curves(history: list[dict[str, float]], title: str) -> go.Figure:
@@ -47,12 +48,15 @@ def study_figures(report: StudyReport) -> dict[str, go.Figure]:
         figures["learning curves"] = learning_curves(
             report.history, f"{report.title}: best trial #{report.best.number}, loss and accuracy per epoch")
     if report.best is not None:
-        figures["optimization history"] = optuna.visualization.plot_optimization_history(report.study)
-        figures["parallel coordinate"] = optuna.visualization.plot_parallel_coordinate(report.study)
+        figures["optimization history"] = optuna.visualization.plot_optimization_history(
+            report.study, target_name=OBJECTIVE_NAME)
+        figures["parallel coordinate"] = optuna.visualization.plot_parallel_coordinate(
+            report.study, target_name=OBJECTIVE_NAME)
     if report.importances:
         with warnings.catch_warnings():  # the same small-study warning that collect() silences
             warnings.simplefilter("ignore", UserWarning)
-            figures["parameter importances"] = optuna.visualization.plot_param_importances(report.study)
+            figures["parameter importances"] = optuna.visualization.plot_param_importances(
+                report.study, target_name=OBJECTIVE_NAME)
     if report.result:
         figures["test confusion matrix"] = confusion_figure(
             report.result, f"{report.title}: test confusion matrix (trial #{report.result['trial']})")
