@@ -63,6 +63,8 @@ def _trial_record(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[
         "val_accuracy": trial.value,
         "best_epoch": trial.user_attrs.get("best_epoch"),
         "seconds": trial_seconds(trial),
+        "device": trial.user_attrs.get("device"),
+        "reference": bool(trial.user_attrs.get("reference")),
         "reason": trial_reason(trial),
         "seed": trial.user_attrs.get("seed"),
         "trainable_parameters": trial.user_attrs.get("trainable_parameters"),
@@ -91,7 +93,9 @@ def report_json(reports: list[StudyReport], header: list[str]) -> dict[str, Any]
             "finished": r.counts.finished, "complete": r.counts.complete, "pruned": r.counts.pruned,
             "failed": r.counts.failed, "search_seconds": r.search_seconds,
             "best_trial": r.best.number if r.best else None, "best_val_accuracy": r.best.value if r.best else None,
-            "best_result": r.result, "reference": r.reference, "param_importances": r.importances, "notes": r.notes,
+            "best_result": r.result, "reference": r.reference,
+            "reference_trial": r.reference_trial.number if r.reference_trial else None,
+            "param_importances": r.importances, "notes": r.notes,
             "trials": [_trial_record(r, t) for t in r.trials],
         } for r in reports],
     }
@@ -108,8 +112,8 @@ def trials_csv(path: Path, reports: list[StudyReport]) -> None:
     """One row per trial; every sampled or resolved parameter gets a column "param_<name>"."""
     records = [_trial_record(r, t) for r in reports for t in r.trials]
     names = sorted({k for record in records for k in record["params"]})
-    headers = ["study", "model", "number", "state", "val_accuracy", "best_epoch", "seconds", "seed",
-               "trainable_parameters", "reason"]
+    headers = ["study", "model", "number", "state", "val_accuracy", "best_epoch", "seconds", "device", "seed",
+               "trainable_parameters", "reference", "reason"]
     rows = [[record[h] for h in headers] + [record["params"].get(n, "") for n in names] for record in records]
     _write_csv(path, headers + [f"param_{n}" for n in names], rows)
 

@@ -48,6 +48,11 @@ class StudyReport:
         return get_family(self.settings.family).study_results if self.settings.data.get("dataset") == "stl10" else None
 
     @property
+    def reference_trial(self) -> FrozenTrial | None:
+        """The trial that ran the family's hand-found setting (queued by `--enqueue-reference`), if any."""
+        return next((t for t in self.trials if t.user_attrs.get("reference")), None)
+
+    @property
     def history(self) -> list[dict[str, float]]:
         return list(self.best.user_attrs.get("history", [])) if self.best else []
 
@@ -87,8 +92,11 @@ def param_importances(study: optuna.Study, complete: list[FrozenTrial]) -> tuple
     return importances, None
 
 
-def collect(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[StudyReport]:
-    """Every study of this tool in `storage`; a UserError when there is none."""
+def collect(storage: optuna.storages.BaseStorage, prefix: str = "", *, importances: bool = True) -> list[StudyReport]:
+    """Every study of this tool in `storage`; a UserError when there is none.
+
+    `importances=False` skips the parameter importances, the one slow part, for callers that draw no study plots.
+    """
     studies = find_studies(storage, prefix)
     if not studies:
         raise UserError("no stl10-search studies in this storage" + (f" with prefix {prefix!r}" if prefix else "")
@@ -109,14 +117,18 @@ def collect(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[Stud
                                 "run `stl10-search best` again")
         elif best is not None and current is None:
             report.notes.append("not tested yet: run `stl10-search best` to retrain the best trial and score it on test")
-        report.importances, why_not = param_importances(study, complete)
-        if why_not:
-            report.notes.append(why_not)
+        if importances:
+            report.importances, why_not = param_importances(study, complete)
+            if why_not:
+                report.notes.append(why_not)
         reports.append(report)
     return reports
 
 
 def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The wall seconds the worker measured, else the span between the trial's start and end in storage."""
+    if trial.user_attrs.get("seconds") is not None:
+        return float(trial.user_attrs["seconds"])
     if trial.datetime_complete and trial.datetime_start:
         return (trial.datetime_complete - trial.datetime_start).total_seconds()
     return None

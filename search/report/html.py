@@ -14,8 +14,8 @@ import plotly.offline
 
 from search.report.collect import StudyReport
 from search.report.figures import study_figures
-from search.report.tables import (Table, best_params_table, curves_table, per_class_table, summary_table,
-                                  trials_table)
+from search.report.tables import (Table, best_params_table, curves_table, per_class_table, reference_table,
+                                  summary_table, test_result_text, trials_table)
 
 _ERROR_RECORDER = """<script>
 (function () {
@@ -88,11 +88,12 @@ def render_html(reports: list[StudyReport], header: list[str], pictures: dict[st
         if r.best is not None:
             body += [f"<h3>Best parameters (trial #{r.best.number}, validation {r.best.value:.2%})</h3>",
                      html_table(best_params_table(r))]
+        if r.reference_trial is not None:
+            body += ["<h3>Hand-found setting against the searched best</h3>", html_table(reference_table(r))]
         if r.result:
             body += [f"<h3>Test result (trial #{r.result['trial']} retrained"
                      f"{' on train+validation' if r.result['full_train'] else ''})</h3>",
-                     f"<p>Test accuracy {r.result['test_accuracy']:.2%}, test loss {r.result['test_loss']:.4f} "
-                     f"on {r.result['test_images']} images.</p>", html_table(per_class_table(r))]
+                     f"<p>{html.escape(test_result_text(r.result))}</p>", html_table(per_class_table(r))]
         for name, figure in study_figures(r).items():
             body += [f"<h3>{html.escape(name.capitalize())}</h3>", plots.div(figure)]
         if r.history:

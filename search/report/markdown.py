@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from search.report.collect import StudyReport
 from search.report.tables import (Table, best_params_table, curves_table, importance_table, per_class_table,
-                                  summary_table, trials_table)
+                                  reference_table, summary_table, test_result_text, trials_table)
 
 
 def _cell(text: str) -> str:
@@ -33,6 +33,8 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
         if r.best is not None:
             parts += [f"### Best parameters (trial #{r.best.number}, validation {r.best.value:.2%})", "",
                       markdown_table(best_params_table(r)), ""]
+        if r.reference_trial is not None:
+            parts += ["### Hand-found setting against the searched best", "", markdown_table(reference_table(r)), ""]
         if r.history:
             parts += ["### Learning curves of the best trial", "", markdown_table(curves_table(r)), ""]
         if r.importances:
@@ -40,7 +42,6 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
         if r.result:
             parts += [f"### Test result (trial #{r.result['trial']} retrained"
                       f"{' on train+validation' if r.result['full_train'] else ''})", "",
-                      f"Test accuracy {r.result['test_accuracy']:.2%}, test loss {r.result['test_loss']:.4f} "
-                      f"on {r.result['test_images']} images.", "", markdown_table(per_class_table(r)), ""]
+                      test_result_text(r.result), "", markdown_table(per_class_table(r)), ""]
         parts += ["### Trials", "", markdown_table(trials_table(r)), ""]
     return "\n".join(parts)

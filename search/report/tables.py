@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from optuna.trial import FrozenTrial, TrialState
+
 from search.studies import trial_params
 from search.report.collect import StudyReport, trial_reason, trial_seconds
 
@@ -40,8 +42,11 @@ def value_text(value: Any) -> str:
 def summary_table(reports: list[StudyReport]) -> Table:
     """Per model: the search's figures, and the hand-tuned study's next to them when the data is STL-10."""
     with_reference = any(r.reference for r in reports)
+    with_hand_found = any(r.reference_trial for r in reports)
     headers = ["model", "study", "best val acc", "test acc", "test loss", "trainable params",
                "finished", "pruned", "failed", "search time"]
+    if with_hand_found:
+        headers += ["hand-found setting val acc"]
     if with_reference:
         headers += ["reference val acc", "reference test acc", "reference test loss", "reference params"]
     rows = []
@@ -51,11 +56,52 @@ def summary_table(reports: list[StudyReport]) -> Table:
                number(result.get("test_loss")), count_text(r.parameters),
                f"{r.counts.finished}/{r.settings.n_trials}", str(r.counts.pruned), str(r.counts.failed),
                duration(r.search_seconds)]
+        if with_hand_found:
+            row += [_trial_outcome(r.reference_trial)]
         if with_reference:
             ref = r.reference or {}
             row += [percent(ref.get("val_accuracy")), percent(ref.get("test_accuracy")),
                     number(ref.get("test_loss"), 3), count_text(ref.get("parameters"))]
         rows.append(row)
+    return headers, rows
+
+
+def _trial_outcome(trial: FrozenTrial | None) -> str:
+    """The validation accuracy of a completed trial, else its state ("pruned", "waiting", ...)."""
+    if trial is None:
+        return "-"
+    return percent(trial.value) if trial.state == TrialState.COMPLETE else trial.state.name.lower()
+
+
+def reference_table(report: StudyReport) -> Table:
+    """The hand-found setting's trial (queued by --enqueue-reference) beside the searched best, figures then params.
+
+    The last column marks the parameters the search changed. No rows when the study ran no hand-found setting.
+    """
+    headers = ["", "hand-found setting", "searched best", ""]
+    reference, best = report.reference_trial, report.best
+    if reference is None:
+        return headers, []
+
+    def test_accuracy(trial: FrozenTrial | None) -> str:
+        tested = trial is not None and report.result and report.result["trial"] == trial.number
+        return percent(report.result["test_accuracy"]) if tested else "-"
+
+    def column(trial: FrozenTrial | None, key: str) -> str:
+        return "-" if trial is None else count_text(trial.user_attrs.get(key))
+
+    rows = [["trial", f"#{reference.number}", f"#{best.number}" if best else "-", ""],
+            ["state", reference.state.name.lower(), best.state.name.lower() if best else "-", ""],
+            ["val acc", _trial_outcome(reference), percent(best.value) if best else "-", ""],
+            ["test acc", test_accuracy(reference), test_accuracy(best), ""],
+            ["trainable params", column(reference, "trainable_parameters"), column(best, "trainable_parameters"), ""]]
+    if reference.state != TrialState.COMPLETE:
+        rows.append(["reason", trial_reason(reference) or "-", "", ""])
+    ours, theirs = trial_params(reference), trial_params(best) if best else {}
+    for name in sorted(set(ours) | set(theirs)):
+        mine, found = ours.get(name), theirs.get(name)
+        rows.append([name, "-" if mine is None else value_text(mine), "-" if found is None else value_text(found),
+                     "changed" if best and best is not reference and mine != found else ""])
     return headers, rows
 
 
@@ -79,6 +125,18 @@ def importance_table(report: StudyReport) -> Table:
     return ["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in (report.importances or {}).items()]
 
 
+def test_result_text(result: dict[str, Any]) -> str:
+    """The retrained model's test figures in a sentence, with its latency when `best` measured it."""
+    text = (f"Test accuracy {result['test_accuracy']:.2%}, test loss {result['test_loss']:.4f} "
+            f"on {result['test_images']} images.")
+    latency = result.get("latency_ms") or {}
+    parts = [f"{latency[k]:.3g} ms at batch {k.removeprefix('batch_')}" for k in ("batch_1", "batch_256")
+             if latency.get(k) is not None]
+    if parts:
+        text += f" Inference time per image: {', '.join(parts)}{' on ' + result['device'] if result.get('device') else ''}."
+    return text
+
+
 def per_class_table(report: StudyReport) -> Table:
     if not report.result:
         return ["class", "test acc"], []
@@ -91,7 +149,8 @@ def trials_table(report: StudyReport) -> Table:
     rows = []
     for t in report.trials:
         searched = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(t.params.items()))
-        rows.append([str(t.number), t.state.name.lower(), percent(t.value) if t.value is not None else "-",
+        number = f"{t.number} (hand-found)" if t.user_attrs.get("reference") else str(t.number)
+        rows.append([number, t.state.name.lower(), percent(t.value) if t.value is not None else "-",
                      str(t.user_attrs.get("best_epoch", "-")), duration(trial_seconds(t)), trial_reason(t) or "-",
                      searched])
     return ["#", "state", "val acc", "best epoch", "time", "reason", "params"], rows
