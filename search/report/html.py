@@ -16,6 +16,7 @@ from search.report.collect import StudyReport
 from search.report.figures import study_figures
 from search.report.tables import (Table, best_params_table, curves_table, per_class_table, reference_table,
                                   summary_table, test_result_text, trials_table)
+from search.report.tradeoff import CAPTION, smallest_line, tradeoff_figure, tradeoff_table
 
 _ERROR_RECORDER = """<script>
 (function () {
@@ -41,6 +42,10 @@ td:first-child, th:first-child { text-align: left; }
 td.text { text-align: left; max-width: 40em; }
 .note { color: #7a4b00; }
 .plot { margin: 1em 0; }
+.tradeoff { display: grid; grid-template-columns: minmax(0, 1fr) 420px; gap: 1em; align-items: start; }
+@media (max-width: 1150px) { .tradeoff { grid-template-columns: minmax(0, 1fr); } }
+.tradeoff > .plot { margin: 0; }
+.caption { font-size: 0.9em; color: #555; }
 section { border-top: 2px solid #ddd; margin-top: 2em; }
 </style>"""
 
@@ -72,11 +77,26 @@ class _Plots:
         return f'<div class="plot" data-plot="{self.count}">{inner}</div>'
 
 
+def _tradeoff_section(reports: list[StudyReport], plots: _Plots) -> list[str]:
+    """The cross-model figure with its table beside it; the page's first plot.
+
+    A grid, not a flex row: plotly sizes the figure while the page is parsed, before the table exists, so the
+    figure's column must have its final width without the table.
+    """
+    figure = tradeoff_figure(reports)
+    section = ["<h2>Accuracy, size and latency across models</h2>"]
+    if figure is None:
+        return section + ["<p class=note>No model has a completed trial with a parameter count yet.</p>"]
+    return section + ['<div class="tradeoff">', plots.div(figure),
+                      f"<div>{html_table(tradeoff_table(reports))}<p>{html.escape(smallest_line(reports))}</p></div>",
+                      "</div>", f"<p class=caption>{html.escape(CAPTION)}</p>"]
+
+
 def render_html(reports: list[StudyReport], header: list[str], pictures: dict[str, bytes]) -> str:
     """`pictures`: caption -> PNG bytes, embedded in the page."""
     plots = _Plots()
     body = ["<h1>STL-10 hyperparameter search report</h1>", *(f"<p>{html.escape(line)}</p>" for line in header),
-            "<h2>Summary</h2>", html_table(summary_table(reports))]
+            *_tradeoff_section(reports, plots), "<h2>Summary</h2>", html_table(summary_table(reports))]
     if pictures:
         body.append("<h2>Data</h2>")
         for caption, png in pictures.items():

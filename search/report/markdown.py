@@ -5,6 +5,7 @@ from __future__ import annotations
 from search.report.collect import StudyReport
 from search.report.tables import (Table, best_params_table, curves_table, importance_table, per_class_table,
                                   reference_table, summary_table, test_result_text, trials_table)
+from search.report.tradeoff import smallest_line, tradeoff_table
 
 
 def _cell(text: str) -> str:
@@ -22,6 +23,11 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
     """`pictures`: caption -> PNG path relative to report.md."""
     parts = ["# STL-10 hyperparameter search report", "", *header, "",
              "Interactive plots (optimization history, importances, parallel coordinates) are in report.html.", "",
+             "## Accuracy, size and latency across models", "",
+             "Each model's best: test accuracy when retrained and tested, else validation accuracy. report.html "
+             "plots every completed trial's validation accuracy against its trainable parameters, the Pareto front, "
+             "and the tested bests against their latency.", "",
+             markdown_table(tradeoff_table(reports)), "", smallest_line(reports), "",
              "## Summary", "", markdown_table(summary_table(reports)), ""]
     if pictures:
         parts += ["## Data", ""]
