@@ -16,18 +16,41 @@ from search.studies import load_settings
 
 CURVES_PLOT_ID = "best-trial-learning-curves"
 CONFUSION_PLOT_ID = "test-confusion-matrix"
+TRADEOFF_PLOT_ID = "accuracy-size-latency"
+
+
+def save_tradeoff_plots(storage: optuna.storages.BaseStorage, prefix: str = "") -> int:
+    """Save the report's cross-model figure (accuracy against size and latency) on every study of `prefix`.
+
+    A dashboard plot belongs to one study, so each study gets the same figure, under a fixed id: saving again
+    replaces it. Returns how many studies got it (none while no model has a completed trial).
+    """
+    from optuna_dashboard import save_plotly_graph_object
+
+    from search.report.collect import collect
+    from search.report.tradeoff import tradeoff_figure
+
+    reports = collect(storage, prefix, importances=False)
+    figure = tradeoff_figure(reports)
+    if figure is None:
+        return 0
+    for report in reports:
+        save_plotly_graph_object(report.study, figure, graph_object_id=TRADEOFF_PLOT_ID)
+    return len(reports)
 
 
 def save_dashboard_plots(study: optuna.Study, result: dict[str, Any]) -> None:
     """Store the tested trial's curves and the test confusion matrix as the study's custom dashboard plots.
 
-    Fixed plot ids, so running `best` again replaces the plots instead of adding more.
+    Fixed plot ids, so running `best` again replaces the plots instead of adding more. The cross-model figure
+    is refreshed on every study of the same prefix too, as this result changes it.
     """
     from optuna_dashboard import save_plotly_graph_object
 
     from search.report.figures import confusion_figure, learning_curves
 
-    title = get_family(load_settings(study).family).title
+    family = load_settings(study).family
+    title = get_family(family).title
     trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id,
                                                                                           result["trial"]))
     history = trial.user_attrs.get("history", [])
@@ -36,6 +59,7 @@ def save_dashboard_plots(study: optuna.Study, result: dict[str, Any]) -> None:
         save_plotly_graph_object(study, figure, graph_object_id=CURVES_PLOT_ID)
     figure = confusion_figure(result, f"{title}: test confusion matrix (trial #{trial.number} retrained)")
     save_plotly_graph_object(study, figure, graph_object_id=CONFUSION_PLOT_ID)
+    save_tradeoff_plots(study._storage, prefix=study.study_name.removesuffix(family))
 
 
 def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, host: str, port: int) -> None:

@@ -1,4 +1,4 @@
-"""The cross-model figure (accuracy against size and latency), its table, the hand-found row.
+"""The cross-model figure (accuracy against size and latency), its table, the dashboard copy, the hand-found row.
 
 Studies are written straight into storage with `create_trial`, so nothing trains here.
 """
@@ -147,6 +147,23 @@ def test_reference_row_and_markdown(three_models: str) -> None:
                 "| reason | pruned at epoch 1 |  |  |", "| epochs | 3 | 3 |  |", "| lr | 0.0001 | 0.001 | changed |"):
         assert row in section, row
     assert "| 0 (hand-found) | pruned |" in section  # and the trials table names it
+
+
+def test_dashboard_gets_the_figure_on_every_study(three_models: str) -> None:
+    from search.dashboard import TRADEOFF_PLOT_ID, save_tradeoff_plots
+
+    storage = optuna.storages.RDBStorage(three_models)
+
+    def plot_keys() -> dict[str, int]:
+        return {s.study_name: sum(k.startswith(f"dashboard:plot_data:{TRADEOFF_PLOT_ID}:")
+                                  for k in storage.get_study_system_attrs(s._study_id))
+                for s in storage.get_all_studies()}
+
+    assert save_tradeoff_plots(storage) == 3
+    first = plot_keys()
+    assert set(first) == {"logreg", "cnn", "mlp"} and all(first.values())
+    assert save_tradeoff_plots(storage) == 3
+    assert plot_keys() == first  # the same id: replaced, not added
 
 
 def test_without_latency_or_completed_trials(tmp_path: Path) -> None:

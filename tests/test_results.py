@@ -21,7 +21,10 @@ TEST_LINE = re.compile(r"^(\S+): test accuracy ([\d.]+%), test loss ([\d.]+)", r
 
 @pytest.fixture(scope="module")
 def searched(tiny_imagefolder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A storage with a logreg study of 3 finished trials and an mlp study with none (created, never worked)."""
+    """A storage with a logreg study of 3 finished trials and an mlp study with none (created, never worked).
+
+    Both studies queue their hand-found setting first (--enqueue-reference): logreg's runs, mlp's waits.
+    """
     from search.storage import open_storage
     from search.worker import work
 
@@ -30,7 +33,7 @@ def searched(tiny_imagefolder: Path, tmp_path_factory: pytest.TempPathFactory) -
     cache = folder / "cache"
     code = main(["search", "--model", "logreg,mlp", "--n-trials", "3", "--workers", "0", "--pruner", "none",
                  "--dataset", "imagefolder", "--data-root", str(tiny_imagefolder), "--image-size", "16",
-                 "--param", "epochs=2", "--storage", url, "--cache-dir", str(cache)])
+                 "--param", "epochs=2", "--enqueue-reference", "--storage", url, "--cache-dir", str(cache)])
     assert code == 0
     done = work(open_storage(url), url, ["logreg"], torch.device("cpu"), threading.Event(),
                 data_overrides={"cache_dir": cache}, log=lambda message: None)
@@ -65,6 +68,17 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     weights = Path(tested["folder"]) / "artifacts" / result["artifact_id"]
     assert weights.is_file()
     assert any(k.startswith("dashboard:plot_data:") for k in study._storage.get_study_system_attrs(study._study_id))
+
+
+def test_best_saves_the_cross_model_plot_on_every_study(tested: dict) -> None:
+    import optuna
+
+    from search.dashboard import TRADEOFF_PLOT_ID
+
+    storage = optuna.load_study(study_name="logreg", storage=tested["url"])._storage
+    for study in storage.get_all_studies():  # mlp too: it has no trial to test, but the figure is the same
+        keys = storage.get_study_system_attrs(study._study_id)
+        assert any(k.startswith(f"dashboard:plot_data:{TRADEOFF_PLOT_ID}:") for k in keys), study.study_name
 
 
 def test_retraining_reproduces_the_trial_on_the_cpu(tested: dict) -> None:
@@ -114,11 +128,17 @@ def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixtur
     assert f"| {accuracy} | {loss} |" in logreg_row
     assert "| fully connected net | mlp | - | - | - |" in markdown  # no finished trial: dashes, not an error
     assert "](images/data_grid.png)" in markdown
+    assert markdown.index("## Accuracy, size and latency across models") < markdown.index("## Summary")
+    best_trial = json.loads((out_dir / "best_params.json").read_text())["logreg"]["trial"]
+    assert f"| logistic regression | #{best_trial} | {accuracy} test |" in markdown
+    assert markdown.count("### Hand-found setting against the searched best") == 2  # logreg's ran, mlp's waits
+    assert "| state | waiting | - |  |" in markdown and "| 0 (hand-found) | complete |" in markdown
 
     page = (out_dir / "report.html").read_text()
     assert f"<td>{accuracy}</td><td>{loss}</td>" in page
     assert page.count(plotly.offline.get_plotlyjs()[:500]) == 1 and "<script src" not in page  # inlined once
-    assert page.count('class="plot"') == page.count("Plotly.newPlot") >= 4
+    assert page.count('class="plot"') == page.count("Plotly.newPlot") >= 5
+    assert page.index('data-plot="1"') < page.index("<h2>Summary</h2>")  # the cross-model figure opens the page
     assert "data:image/png;base64," in page
 
     best_params = json.loads((out_dir / "best_params.json").read_text())
@@ -130,7 +150,9 @@ def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixtur
     with (out_dir / "trials.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [r["number"] for r in rows if r["study"] == "logreg"] == ["0", "1", "2"]
-    assert all(r["state"] == "complete" and r["reason"] for r in rows)
+    assert all(r["state"] == "complete" and r["reason"] for r in rows if r["study"] == "logreg")
+    assert [(r["study"], r["state"]) for r in rows if r["reference"] == "True"] == [("logreg", "complete"),
+                                                                                      ("mlp", "waiting")]
     assert "param_lr" in rows[0]
 
 
