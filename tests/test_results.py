@@ -58,7 +58,9 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     result = study.user_attrs["best_result"]
     assert f"{result['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
     assert result["trial"] == study.best_trial.number
-    assert result["params"]["epochs"] == study.best_trial.user_attrs["best_epoch"]
+    assert result["epochs"] == study.best_trial.user_attrs["best_epoch"]  # retrained to the epoch validation chose
+    assert result["params"] == study.best_trial.user_attrs["params"]  # on the trial's own schedule
+    assert set(result["latency_ms"]) == {"batch_1", "batch_256"} and all(v > 0 for v in result["latency_ms"].values())
     assert len(result["confusion_matrix"]) == len(result["classes"]) == len(result["per_class_accuracy"]) == 4
     assert sum(map(sum, result["confusion_matrix"])) == result["test_images"] == 24
     assert result["full_train"] is False and result["trainable_parameters"] > 0
