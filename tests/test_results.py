@@ -170,6 +170,14 @@ def test_bad_input_is_one_line(tested: dict, capsys: pytest.CaptureFixture, argv
     _one_line_error(capsys, *words)
 
 
+def test_report_into_a_folder_that_cannot_be_written_is_one_line(tested: dict, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the report folder would have to be inside this file")
+    assert main(["report", "--storage", tested["url"], "--out", str(blocker / "report"), "--format", "json"]) == 2
+    _one_line_error(capsys, "cannot write the report into", "pass a writable --out folder")
+
+
 def test_report_on_missing_or_empty_storage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from search.storage import open_storage
 
