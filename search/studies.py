@@ -126,7 +126,8 @@ def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: 
         settings.uid = old.uid
     else:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-        study.set_metric_names([OBJECTIVE_NAME])
+    if study.metric_names != [OBJECTIVE_NAME]:
+        study.set_metric_names([OBJECTIVE_NAME])  # optuna-dashboard shows it instead of "Objective 0"
     save_settings(study, settings)
     if enqueue_reference:
         family = settings.model_family()

@@ -252,6 +252,7 @@ def work(
             if outcome.state == TrialState.FAIL:
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_FAILURES:
+                    study.set_user_attr(ENDED_ATTR, f"{failures} trials in a row failed (see their reasons)")
                     log(f"[{name}] {failures} trials in a row failed; this worker leaves the study (see reasons)")
                     break
             else:
