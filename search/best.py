@@ -23,7 +23,8 @@ from search.errors import UserError
 from search.pipeline import load_parts, place
 from search.storage import storage_file
 from search.studies import best_trial as best_of, load_settings, trial_params, trial_seed
-from search.trial import run_trial
+from search.training import autocast
+from search.trial import has_convolutions, run_trial
 
 BEST_ATTR = "best_result"
 
@@ -61,6 +62,37 @@ def stored_result(study: optuna.Study, trial: FrozenTrial | None = None, full_tr
     if full_train is not None and bool(result.get("full_train")) != full_train:
         return None
     return result
+
+
+LATENCY_BATCHES = (1, 256)
+LATENCY_MIN_SECONDS = 0.5  # per batch size: repeated until this long, so a fast model is not timed on one call
+
+
+@torch.inference_mode()
+def measure_latency(model: torch.nn.Module, image_size: int, device: torch.device) -> dict[str, float]:
+    """Inference milliseconds per image at batch 1 and batch 256 on `device`, as the model will be served:
+    eval mode, channels-last for convolutions, bf16 autocast on CUDA; the first calls (kernel selection) untimed."""
+    model.eval()
+    layout = torch.channels_last if has_convolutions(model) else torch.contiguous_format
+    latency = {}
+    for batch in LATENCY_BATCHES:
+        x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
+        with autocast(device):
+            for _ in range(2):
+                model(x)
+            _synchronize(device)
+            calls, started = 0, time.perf_counter()
+            while calls < 2 or time.perf_counter() - started < LATENCY_MIN_SECONDS:
+                model(x)
+                calls += 1
+                _synchronize(device)
+        latency[f"batch_{batch}"] = (time.perf_counter() - started) / calls / batch * 1000
+    return latency
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
@@ -117,6 +149,7 @@ def retrain_and_test(
         "confusion_matrix": matrix,
         "classes": classes,
         "trainable_parameters": count_trainable(trained.model),
+        "latency_ms": measure_latency(trained.model, size, device),
         "params": params,
         "epochs": best_epoch,
         "seed": seed,
@@ -141,6 +174,10 @@ def _upload_weights(study: optuna.Study, trial: FrozenTrial, model: torch.nn.Mod
 
 def format_result(name: str, result: dict[str, Any]) -> str:
     """The one line `best` prints per model; tests and the report read the same numbers."""
+    latency = result.get("latency_ms")
     return (f"{name}: test accuracy {result['test_accuracy']:.2%}, test loss {result['test_loss']:.4f} "
             f"(trial #{result['trial']}, validation {result['val_accuracy']:.2%}, "
-            f"{result['trainable_parameters']:,} parameters{', full train' if result['full_train'] else ''})")
+            f"{result['trainable_parameters']:,} parameters"
+            + (f", {latency['batch_1']:.2f} ms/image at batch 1 and {latency['batch_256']:.3f} at batch 256 on "
+               f"{result['device']}" if latency else "")
+            + f"{', full train' if result['full_train'] else ''})")

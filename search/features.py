@@ -70,9 +70,10 @@ def compute_features(
     progress = tqdm(batches(images, labels, batch_size, shuffle=False), total=-(-len(images) // batch_size),
                     desc="backbone features (computed once)", unit="batch", leave=False, disable=None, file=sys.stderr)
     for x, _ in progress:
-        x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        x = normalize(x.to(device, non_blocking=True))
         if generator is not None:
             x = augment(x, flip_p, max_rotation, generator)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             outputs.append(backbone(x).float())
     return torch.cat(outputs)

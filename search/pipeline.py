@@ -89,7 +89,8 @@ class ImageBatches:
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         train = self.parts["train"]
         for x, y in batches(train.images, train.labels, self.batch_size, shuffle=True, generator=self.index_generator):
-            yield augment(self._prepare(x), self.flip_p, self.max_rotation, self.generator), y.to(self.device)
+            x = augment(self._prepare(x), self.flip_p, self.max_rotation, self.generator)
+            yield x.contiguous(memory_format=self.memory_format), y.to(self.device)  # grid_sample returns NCHW
 
     def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images = self.parts[part]

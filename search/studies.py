@@ -28,6 +28,8 @@ from search.space import Dim, customize
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "halving", "median", "none")
 SETTINGS_ATTR = "settings"
+DEADLINE_ATTR = "deadline"  # UTC seconds since the epoch after which no trial starts and running ones stop
+ENDED_ATTR = "ended"  # why the last search of the study ended: its trial budget or its time budget
 OBJECTIVE_NAME = "validation accuracy"
 
 
@@ -124,13 +126,32 @@ def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: 
         settings.uid = old.uid
     else:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-        study.set_metric_names([OBJECTIVE_NAME])
+    if study.metric_names != [OBJECTIVE_NAME]:
+        study.set_metric_names([OBJECTIVE_NAME])  # optuna-dashboard shows it instead of "Objective 0"
     save_settings(study, settings)
     if enqueue_reference:
         family = settings.model_family()
         study.enqueue_trial(family.reference_trial(settings.dims()), user_attrs={"reference": True},
                             skip_if_exists=True)
     return study
+
+
+def set_deadlines(studies: list[optuna.Study], seconds: float | None, weights: list[float], now: float) -> None:
+    """Give a search of `studies` (worked through in this order) `seconds` of wall time in all.
+
+    Study i ends at now + seconds x (share of the weights up to i): a study that meets its trial budget early
+    leaves its time to the next ones. `seconds` None clears the deadlines (a search without time budget).
+    """
+    total = sum(weights)
+    elapsed = 0.0
+    for study, weight in zip(studies, weights):
+        elapsed += weight
+        study.set_user_attr(DEADLINE_ATTR, None if seconds is None else now + seconds * elapsed / total)
+
+
+def deadline_of(storage: optuna.storages.BaseStorage, study: optuna.Study) -> float | None:
+    """The study's deadline as stored now (read from storage: a new search may have moved it)."""
+    return storage.get_study_user_attrs(study._study_id).get(DEADLINE_ATTR)
 
 
 def trial_seed(settings: StudySettings, trial: optuna.Trial | FrozenTrial) -> int:

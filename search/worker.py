@@ -27,7 +27,7 @@ from search.errors import USER_ERRORS
 from search.pipeline import DataConfig, load_parts, place
 from search.space import suggest
 from search.storage import budget_lock
-from search.studies import StudySettings, count_trials, load_for_work, trial_seed
+from search.studies import ENDED_ATTR, StudySettings, count_trials, deadline_of, load_for_work, trial_seed
 from search.trial import Checkpoint, Interrupted, run_trial
 from search.training import Diverged, EpochMetrics
 
@@ -105,10 +105,11 @@ class StudyWork:
         identity = {"study": self.settings.uid, "trial": first_number, "params": params, "seed": seed}
         return Checkpoint(folder / f"trial-{first_number}.pt", identity)
 
-    def run(self, trial: optuna.Trial) -> Outcome:
+    def run(self, trial: optuna.Trial, deadline: float | None = None) -> Outcome:
+        """Run one trial; at `deadline` (UTC seconds) it stops at its next epoch boundary, pruned."""
         history: list[dict[str, float]] = []
         try:
-            return self._run(trial, history)
+            return self._run(trial, history, deadline)
         except optuna.TrialPruned as pruned:
             return Outcome(TrialState.PRUNED, None, str(pruned))
         except Diverged as diverged:
@@ -127,7 +128,7 @@ class StudyWork:
             with contextlib.suppress(Exception):  # also when the trial was already failed as stale
                 trial.set_user_attr("history", history)
 
-    def _run(self, trial: optuna.Trial, history: list[dict[str, float]]) -> Outcome:
+    def _run(self, trial: optuna.Trial, history: list[dict[str, float]], deadline: float | None) -> Outcome:
         params = self.family.relevant({**self.family.resolve(), **suggest(trial, self.dims)})
         self.family.validate(params)
         seed = trial_seed(self.settings, trial)
@@ -146,6 +147,9 @@ class StudyWork:
             if metrics.epoch < epochs and trial.should_prune():  # a finished run is kept
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: validation accuracy "
                                          f"{metrics.val_accuracy:.2%}")
+            if deadline is not None and metrics.epoch < epochs and time.time() >= deadline:
+                raise optuna.TrialPruned(f"time budget: stopped after epoch {metrics.epoch} of {epochs} at the "
+                                         f"study's deadline; validation accuracy {metrics.val_accuracy:.2%}")
             if self.stop.is_set() and metrics.epoch < epochs:
                 raise StopRequested(metrics.epoch)
 
@@ -167,8 +171,9 @@ def _unless_already_finished(log: Callable[[str], None], trial: optuna.Trial) ->
         log(f"[#{trial.number}] was already failed as stale (missed heartbeats) and queued again; result dropped")
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, seconds: float) -> None:
     trial.set_user_attr("reason", outcome.reason)
+    trial.set_user_attr("seconds", seconds)
     if outcome.state == TrialState.COMPLETE:
         study.tell(trial, outcome.value)
     else:
@@ -209,11 +214,17 @@ def work(
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 optuna.storages.fail_stale_trials(study)
+            deadline = deadline_of(storage, study)
+            if deadline is not None and time.time() >= deadline:
+                study.set_user_attr(ENDED_ATTR, "time budget reached")
+                log(f"[{name}] time budget reached; no new trial starts")
+                break
             with budget_lock(storage, url, name):
                 counts = count_trials(storage, study)
                 full = budget is not None and counts.finished >= budget
                 trial = study.ask() if not full and (budget is None or counts.committed < budget) else None
             if full:
+                study.set_user_attr(ENDED_ATTR, f"trial budget met ({counts.finished} finished)")
                 break
             if trial is None:
                 time.sleep(POLL_SECONDS)  # the rest is running elsewhere; stay to re-run it if a worker dies
@@ -222,7 +233,7 @@ def work(
             started = time.perf_counter()
             try:
                 with heartbeat(storage, trial):
-                    outcome = runner.run(trial)
+                    outcome = runner.run(trial, deadline)
             except StopRequested as stopped:
                 with _unless_already_finished(log, trial):
                     _requeue(study, trial, str(stopped))
@@ -232,14 +243,16 @@ def work(
                 with _unless_already_finished(log, trial):
                     _requeue(study, trial, "worker stopped during the trial; queued again")
                 raise
+            seconds = time.perf_counter() - started
             with _unless_already_finished(log, trial):
-                _tell(study, trial, outcome)
+                _tell(study, trial, outcome, seconds)
             log(f"[{name} #{trial.number}] {outcome.state.name.lower()}"
                 + (f" {outcome.value:.2%}" if outcome.value is not None else "")
-                + f" ({outcome.reason}; {time.perf_counter() - started:.1f}s)")
+                + f" ({outcome.reason}; {seconds:.1f}s)")
             if outcome.state == TrialState.FAIL:
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_FAILURES:
+                    study.set_user_attr(ENDED_ATTR, f"{failures} trials in a row failed (see their reasons)")
                     log(f"[{name}] {failures} trials in a row failed; this worker leaves the study (see reasons)")
                     break
             else:

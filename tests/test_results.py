@@ -61,7 +61,9 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     result = study.user_attrs["best_result"]
     assert f"{result['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
     assert result["trial"] == study.best_trial.number
-    assert result["params"]["epochs"] == study.best_trial.user_attrs["best_epoch"]
+    assert result["epochs"] == study.best_trial.user_attrs["best_epoch"]  # retrained to the epoch validation chose
+    assert result["params"] == study.best_trial.user_attrs["params"]  # on the trial's own schedule
+    assert set(result["latency_ms"]) == {"batch_1", "batch_256"} and all(v > 0 for v in result["latency_ms"].values())
     assert len(result["confusion_matrix"]) == len(result["classes"]) == len(result["per_class_accuracy"]) == 4
     assert sum(map(sum, result["confusion_matrix"])) == result["test_images"] == 24
     assert result["full_train"] is False and result["trainable_parameters"] > 0
@@ -188,6 +190,14 @@ def _one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
 def test_bad_input_is_one_line(tested: dict, capsys: pytest.CaptureFixture, argv: list[str], words: tuple) -> None:
     assert main([*argv, "--storage", tested["url"]]) == 2
     _one_line_error(capsys, *words)
+
+
+def test_report_into_a_folder_that_cannot_be_written_is_one_line(tested: dict, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the report folder would have to be inside this file")
+    assert main(["report", "--storage", tested["url"], "--out", str(blocker / "report"), "--format", "json"]) == 2
+    _one_line_error(capsys, "cannot write the report into", "pass a writable --out folder")
 
 
 def test_report_on_missing_or_empty_storage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -63,6 +63,10 @@ def test_the_good_command_line_does_create_the_study(search_args, tmp_path: Path
     ("unknown sampler", ["--sampler 'bayes' is unknown"]),
     ("parameter of a model not searched", ["cnn is not among the models searched"]),
     ("image folder without its folder", ["--data-root DIR"]),
+    ("an epoch budget of zero", ["logreg.epochs: must be between 1 and 10000, got 0"]),
+    ("a negative epoch budget", ["logreg.epochs: must be between 1 and 10000, got -3"]),
+    ("a layer wider than any memory", ["mlp.width_1: must be between 1 and 16384, got 1e+10"]),
+    ("a range beyond what the code runs", ["logreg.flip_p: must be between 0 and 1, got 2"]),
 ])
 def test_bad_search_input_is_one_line_exit_2_and_no_study(case: str, fragments: list[str], search_args,
                                                           tmp_path: Path, capsys) -> None:
@@ -78,6 +82,10 @@ def test_bad_search_input_is_one_line_exit_2_and_no_study(case: str, fragments: 
         "a GPU that does not exist": lambda: search_args("--gpus", "3"),
         "unknown sampler": lambda: search_args("--sampler", "bayes"),
         "parameter of a model not searched": lambda: search_args("--param", "cnn.n_conv=2"),
+        "an epoch budget of zero": lambda: search_args("--param", "epochs=0"),
+        "a negative epoch budget": lambda: search_args("--param", "epochs=-3"),
+        "a layer wider than any memory": lambda: search_args("--param", "width_1=1e10", model="mlp"),
+        "a range beyond what the code runs": lambda: search_args("--param", "flip_p=0..2"),
         "image folder without its folder": lambda: [
             "search", "--model", "logreg", "--workers", "0", "--storage", f"sqlite:///{tmp_path / 'studies.db'}",
             "--dataset", "imagefolder"],
@@ -116,6 +124,15 @@ def test_a_bad_flag_value_is_an_argparse_error_with_exit_2(capsys) -> None:
         main(["search", "--n-trials", "many"])
     assert exited.value.code == 2
     _assert_clean_error(2, capsys.readouterr().err, "--n-trials", "invalid int value")
+
+
+@pytest.mark.parametrize("prefix", ["../escape-", "runs/a-", "a/../../b"])
+def test_a_study_prefix_that_could_leave_its_folders_is_refused(search_args, prefix: str, capsys) -> None:
+    """The prefix names lock and checkpoint files too: no '/' and no '..'."""
+    with pytest.raises(SystemExit) as exited:
+        main(search_args("--study-prefix", prefix))
+    assert exited.value.code == 2
+    _assert_clean_error(2, capsys.readouterr().err, "--study-prefix", "no '/' and no '..'")
 
 
 def test_bad_input_from_the_installed_command_is_one_line_without_traceback(tmp_path: Path) -> None:

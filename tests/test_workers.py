@@ -186,6 +186,57 @@ def test_worker_leaves_a_study_whose_trials_all_fail(tiny_search, monkeypatch: p
     assert "trials in a row failed" in lines[-1]
 
 
+def test_a_hopeless_trial_is_pruned_at_an_early_epoch(tiny_search) -> None:
+    """Four settings that learn, then two that barely can (a learning rate of 1e-5): the median pruner stops those."""
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 6, "--pruner", "median", "--param", "epochs=6")
+    study = optuna.load_study(study_name="logreg", storage=open_storage(url))
+    learns = {"optimizer": "adam", "lr": 1e-2, "weight_decay": 1e-6, "batch_size": 32, "loss": "cross_entropy",
+              "epochs": 6, "lr_schedule": "constant", "warmup_epochs": 0, "flip_p": 0.0, "max_rotation": 0.0}
+    for _ in range(4):
+        study.enqueue_trial(learns)
+    for _ in range(2):
+        study.enqueue_trial({**learns, "lr": 1e-5})
+    done, _ = _work(tiny_search, url)
+    trials = tiny_search.trials(url)
+    assert done == {"logreg": 6}
+    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4
+    for hopeless in trials[4:]:
+        assert hopeless.state == TrialState.PRUNED
+        assert re.fullmatch(r"pruned at epoch [1-5]: validation accuracy .*", hopeless.user_attrs["reason"])
+        assert len(hopeless.user_attrs["history"]) < 6  # it did not use its whole budget
+
+
+@pytest.mark.parametrize("sampler, pruner, kinds", [
+    ("random", "halving", (optuna.samplers.RandomSampler, optuna.pruners.SuccessiveHalvingPruner)),
+    ("gp", "median", (optuna.samplers.GPSampler, optuna.pruners.MedianPruner)),
+    ("tpe", "none", (optuna.samplers.TPESampler, optuna.pruners.NopPruner)),
+])
+def test_every_sampler_and_pruner_runs_a_study_to_its_budget(tiny_search, sampler: str, pruner: str, kinds) -> None:
+    from search.studies import load_for_work
+
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 3, "--sampler", sampler, "--pruner", pruner)
+    study, _ = load_for_work(open_storage(url), "logreg")
+    assert (type(study.sampler), type(study.pruner)) == kinds
+    done, _ = _work(tiny_search, url)
+    assert done == {"logreg": 3}
+    assert all(t.state in FINISHED for t in tiny_search.trials(url))
+
+
+def test_a_search_with_other_data_settings_is_refused_and_changes_nothing(tiny_search, capsys) -> None:
+    from search.cli import main
+
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2)
+    before = optuna.load_study(study_name="logreg", storage=open_storage(url)).user_attrs["settings"]
+    changed = [a if a != "16" else "24" for a in tiny_search.data_args()]  # --image-size 24
+    code = main(["search", "--model", "logreg", "--workers", "0", "--storage", url, *changed])
+    err = capsys.readouterr().err
+    assert code == 2 and "was created with other data settings (image_size: 16 -> 24)" in err
+    assert optuna.load_study(study_name="logreg", storage=open_storage(url)).user_attrs["settings"] == before
+
+
 def test_cpu_workers_share_the_cores() -> None:
     slots = plan_workers("none", 1, 2)
     assert [s.device for s in slots] == ["cpu", "cpu"]

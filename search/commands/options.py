@@ -20,6 +20,7 @@ from search.space import parse_value
 from search.storage import DEFAULT_STORAGE
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*")
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,6 +115,18 @@ def host_data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+def duration(text: str) -> float:
+    """--time-budget: "90" or "90s", "30m", "2h", "1h30m" -> seconds."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not text.strip() or not match or not any(match.groups()):
+        raise argparse.ArgumentTypeError(f"--time-budget takes a duration like 90s, 30m, 2h or 1h30m, got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"--time-budget must be longer than zero, got {text!r}")
+    return total
+
+
 def study_prefix(text: str) -> str:
     """--study-prefix: letters, digits, '_', '.' and '-' only, since it names lock and checkpoint files too."""
     if not _PREFIX.fullmatch(text) or ".." in text:
@@ -168,6 +181,13 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1); "
                                                     "0 creates the studies only")
     parser.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
+    parser.add_argument("--time-budget", type=duration, metavar="DURATION",
+                        help="wall time for the whole search, e.g. 30m or 2h, shared by all workers and split over "
+                             "the models by their default budgets; with --n-trials, whichever comes first ends it")
+    parser.add_argument("--warm-start", metavar="URL[#STUDY]",
+                        help="first try the best settings of an earlier study (another storage or dataset too), "
+                             "as far as they fit the current space")
+    parser.add_argument("--warm-start-k", type=int, default=5, help="how many of its best settings (default 5)")
 
 
 def quiet_optuna() -> None:

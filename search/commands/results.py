@@ -97,8 +97,12 @@ def run_report(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, formats: list[str]) -> None:
     from search.report import write_report
 
-    written = write_report(storage, Path(args.out), formats, prefix=args.study_prefix, storage_name=redact(url),
-                           cache_dir=args.cache_dir, log=_log)
+    try:
+        written = write_report(storage, Path(args.out), formats, prefix=args.study_prefix, storage_name=redact(url),
+                               cache_dir=args.cache_dir, log=_log)
+    except OSError as error:  # a read-only folder, a full disk, a file where the folder should be
+        raise UserError(f"cannot write the report into {args.out} ({error.strerror or error}); "
+                        "pass a writable --out folder") from None
     main = next((p for p in written if p.name == "report.html"), written[0])
     print(f"report written to {Path(args.out)}/ ({', '.join(p.name for p in written if p.parent == Path(args.out))}); "
           f"open {main}")

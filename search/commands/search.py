@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from search.launcher import plan_workers, start_workers, summary_table, supervis
 from search.pipeline import load_parts, resolve_device
 from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact, storage_file
-from search.studies import (PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields, existing_study_names,
-                            load_settings, study_name)
+from search.studies import (ENDED_ATTR, PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields,
+                            existing_study_names, load_settings, set_deadlines, study_name)
+from search.warmstart import warm_start
 from search.worker import work
 
 
@@ -114,7 +116,7 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
         else:
             settings = StudySettings(
                 family=name,
-                n_trials=args.n_trials or family.n_trials,
+                n_trials=args.n_trials or (None if getattr(args, "time_budget", None) else family.n_trials),
                 sampler=args.sampler or "tpe",
                 pruner=args.pruner or "hyperband",
                 seed=0 if args.seed is None else args.seed,
@@ -126,7 +128,42 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
     for _, settings in plans:
         prepare_data(settings, args.cache_dir)
     storage = storage or open_from_args(args)[0]
-    return storage, url, [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings in plans]
+    studies = [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings in plans]
+    if getattr(args, "warm_start", None):
+        for study, (_, settings) in zip(studies, plans):
+            warm_start(study, settings.dims(), settings.family, args.warm_start, args.warm_start_k, _log)
+    return storage, url, studies
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def time_budget(args: argparse.Namespace, names: list[str], device_type: str) -> tuple[float | None, list[float]]:
+    """(seconds for the whole search or None, each model's share weight): --time-budget, else for `run` without
+    any budget flag the families' own budgets on this device type."""
+    weights = [get_family(name).time_budget.get(device_type, 600.0) for name in names]
+    if args.time_budget is not None:
+        return args.time_budget, weights
+    if args.command == "run" and args.n_trials is None:
+        return sum(weights), weights
+    return None, weights
+
+
+def start_clock(args: argparse.Namespace, names: list[str], studies: list[optuna.Study], device_type: str) -> None:
+    """Store each study's deadline (or none) from now, and forget why its last search ended."""
+    seconds, weights = time_budget(args, names, device_type)
+    set_deadlines(studies, seconds, weights, time.time())
+    for study in studies:
+        study.set_user_attr(ENDED_ATTR, None)
+    if seconds is None:
+        return
+    total = sum(weights)
+    shares = ", ".join(f"{name} {seconds * w / total / 60:.1f} min" for name, w in zip(names, weights))
+    why = "--time-budget" if args.time_budget is not None else (
+        f"no --n-trials or --time-budget: each model's default time on the {device_type.upper()}")
+    _log(f"time budget {seconds / 60:.1f} min in all ({why}): {shares}; a model that finishes early leaves its "
+         "time to the next")
 
 
 def worker_arguments(args: argparse.Namespace) -> list[str]:
@@ -148,6 +185,8 @@ def run_search(args: argparse.Namespace) -> int:
     slots = plan_workers(args.gpus, args.workers_per_gpu, args.workers)
     storage, url, studies = ensure_studies(args, names, spaces)
     print(f"storage {redact(url)}: studies {', '.join(s.study_name for s in studies)}", file=sys.stderr)
+    on_gpu = any(s.visible_gpu for s in slots) if slots else torch.cuda.is_available()
+    start_clock(args, names, studies, "cuda" if on_gpu else "cpu")
     if not slots:
         print(f"studies created; start workers with: stl10-search worker --model {','.join(names)} --storage URL",
               file=sys.stderr)

@@ -1,0 +1,140 @@
+"""The CUDA path: `train`, a 2-worker `search`, `best` and the feature cache on a GPU, with bf16 autocast and
+channels-last. Run with `pytest -m cuda` on a GPU box (bench/gpu_check.sh does); skipped where there is no GPU.
+
+STL10_SEARCH_CUDA_TESTS_ON_CPU=1 runs the same tests on the CPU (no autocast there), to check the tests
+themselves on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from torch import nn
+
+import search.features
+from search.cli import main
+from search.family import get_family
+from search.features import FeatureBatches
+from search.pipeline import load_parts, place
+from search.storage import open_storage
+from search.trial import run_trial
+from search.worker import work
+
+ON_CPU = os.environ.get("STL10_SEARCH_CUDA_TESTS_ON_CPU") == "1"
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU), reason="needs a CUDA GPU")]
+CHANCE = 0.25  # the tiny dataset has 4 classes
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cpu") if ON_CPU else torch.device("cuda:0")
+
+
+def _conv_inputs(model: nn.Module) -> list[tuple[torch.dtype, bool, str]]:
+    """Records (output dtype, input channels-last, device) of every call of the first convolution."""
+    seen: list[tuple[torch.dtype, bool, str]] = []
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+    def record(module, inputs, output):
+        x = inputs[0]
+        seen.append((output.dtype, x.is_contiguous(memory_format=torch.channels_last), x.device.type))
+
+    conv.register_forward_hook(record)
+    return seen
+
+
+def test_cnn_trains_above_chance_with_bf16_autocast_and_channels_last(tiny_config, device) -> None:
+    family = get_family("cnn")
+    params = family.resolve({"epochs": 4, "batch_size": 16, "lr": 3e-3})
+    parts = place(load_parts(tiny_config, 32), device)
+    seen: list = []
+    fit = run_trial(family, params, parts, tiny_config, device, 0,
+                    on_start=lambda model, source: seen.append(_conv_inputs(model)))
+    inputs = seen[0]
+    assert inputs and all(channels_last and kind == device.type for _, channels_last, kind in inputs)
+    if device.type == "cuda":
+        assert {dtype for dtype, _, _ in inputs} == {torch.bfloat16}
+        assert next(fit.model.parameters()).is_cuda
+    assert max(m.val_accuracy for m in fit.history) > CHANCE + 0.25
+    assert fit.evaluate("val", device).accuracy == pytest.approx(fit.history[-1].val_accuracy)
+
+
+def test_train_command_on_the_device(tiny_imagefolder: Path, tmp_path: Path, device, capsys) -> None:
+    code = main(["train", "--model", "cnn", "--dataset", "imagefolder", "--data-root", str(tiny_imagefolder),
+                 "--image-size", "32", "--epochs", "3", "--device", str(device), "--cache-dir", str(tmp_path),
+                 "--param", "batch_size=16", "--test"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"device {device}" in err
+    accuracy = float(re.search(r"^test: loss [\d.]+, accuracy ([\d.]+)%", out, re.MULTILINE).group(1)) / 100
+    assert accuracy > CHANCE
+
+
+def test_two_workers_on_one_gpu_share_the_budget_exactly_and_best_tests_on_it(tiny_search, tmp_path: Path,
+                                                                              device, capsys) -> None:
+    url = tiny_search.sqlite_url
+    launch = ["--gpus", "0", "--workers-per-gpu", "2"] if device.type == "cuda" else ["--workers", "2"]
+    code = main(["search", "--model", "cnn", "--n-trials", "6", "--storage", url, "--param", "epochs=3",
+                 "--param", "batch_size=16", "--log-dir", str(tmp_path / "logs"), *launch, *tiny_search.data_args()])
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert code == 0, capsys.readouterr().err + logs
+    trials = tiny_search.trials(url, "cnn")
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 6
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
+    assert {t.user_attrs["device"] for t in trials} == {"cuda:0" if device.type == "cuda" else "cpu"}
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    assert "out of memory" not in logs.lower() and "Traceback" not in logs
+
+    assert main(["best", "--model", "cnn", "--storage", url, "--device", str(device),
+                 "--cache-dir", str(tiny_search.cache_dir)]) == 0
+    result = optuna.load_study(study_name="cnn", storage=open_storage(url)).user_attrs["best_result"]
+    assert result["device"] == str(device)
+    assert result["test_accuracy"] > CHANCE
+    assert 0 < result["latency_ms"]["batch_256"] <= result["latency_ms"]["batch_1"]
+
+
+def test_frozen_backbone_features_are_computed_once_on_the_device_and_then_read(tiny_config, device,
+                                                                                monkeypatch) -> None:
+    monkeypatch.setattr(search.features, "_MEMORY", {})
+    calls: list[int] = []
+    compute = search.features.compute_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(search.features, "compute_features", counting)
+    family = get_family("mobilenet_frozen")
+    params = family.resolve({"fc1": 32, "fc2": 16, "feature_views": 2, "epochs": 3, "batch_size": 16, "lr": 3e-3,
+                             "image_size": 32})
+    parts = place(load_parts(tiny_config, 32), device)
+    first = run_trial(family, params, parts, tiny_config, device, 0)
+    assert isinstance(first.source, FeatureBatches) and len(calls) == 3  # two train views and validation
+    assert all(view.device.type == device.type and view.dtype == torch.float32 for view in first.source.views)
+    monkeypatch.setattr(search.features, "_MEMORY", {})  # a new worker: only the disk cache is left
+    second = run_trial(family, params, parts, tiny_config, device, 0)
+    assert len(calls) == 3  # read from the cache, not computed again
+    assert torch.equal(first.source.views[0], second.source.views[0])
+    with torch.inference_mode():
+        on_cpu = first.model.backbone.float().cpu().eval()(
+            search.features.normalize(parts["val"].images[:8].cpu()).contiguous(memory_format=torch.channels_last))
+    cached = first.source.eval_features["val"][:8].cpu()
+    assert (cached - on_cpu).abs().max() <= 0.05 * on_cpu.abs().max() + 1e-6  # bf16 features agree with fp32
+
+
+def test_a_worker_on_the_device_runs_trials_of_two_batch_sizes(tiny_search, device) -> None:
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 4, "--param", "batch_size=8,16", "--param", "lr=0.01", "--param", "optimizer=adam",
+                       "--param", "epochs=4", "--pruner", "none")
+    done = work(open_storage(url), url, ["logreg"], device, threading.Event(),
+                data_overrides={"cache_dir": tiny_search.cache_dir}, log=lambda line: None)
+    assert done == {"logreg": 4}
+    trials = tiny_search.trials(url)
+    assert all(t.state == TrialState.COMPLETE and t.value > CHANCE for t in trials)
