@@ -135,6 +135,7 @@ def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixtur
     assert f"| logistic regression | #{best_trial} | {accuracy} test |" in markdown
     assert markdown.count("### Hand-found setting against the searched best") == 2  # logreg's ran, mlp's waits
     assert "| state | waiting | - |  |" in markdown and "| 0 (hand-found) | complete |" in markdown
+    assert "| lr | 0.001 | - |  |" in markdown  # mlp's hand-found setting, as queued
 
     page = (out_dir / "report.html").read_text()
     assert f"<td>{accuracy}</td><td>{loss}</td>" in page

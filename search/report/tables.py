@@ -73,6 +73,11 @@ def _trial_outcome(trial: FrozenTrial | None) -> str:
     return percent(trial.value) if trial.state == TrialState.COMPLETE else trial.state.name.lower()
 
 
+def _setting(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's parameters; for a trial still waiting in the queue, those it was enqueued with."""
+    return trial_params(trial) or dict(trial.system_attrs.get("fixed_params") or {})
+
+
 def reference_table(report: StudyReport) -> Table:
     """The hand-found setting's trial (queued by --enqueue-reference) beside the searched best, figures then params.
 
@@ -95,9 +100,9 @@ def reference_table(report: StudyReport) -> Table:
             ["val acc", _trial_outcome(reference), percent(best.value) if best else "-", ""],
             ["test acc", test_accuracy(reference), test_accuracy(best), ""],
             ["trainable params", column(reference, "trainable_parameters"), column(best, "trainable_parameters"), ""]]
-    if reference.state != TrialState.COMPLETE:
-        rows.append(["reason", trial_reason(reference) or "-", "", ""])
-    ours, theirs = trial_params(reference), trial_params(best) if best else {}
+    if trial_reason(reference) and reference.state != TrialState.COMPLETE:
+        rows.append(["reason", trial_reason(reference), "", ""])
+    ours, theirs = _setting(reference), trial_params(best) if best else {}
     for name in sorted(set(ours) | set(theirs)):
         mine, found = ours.get(name), theirs.get(name)
         rows.append([name, "-" if mine is None else value_text(mine), "-" if found is None else value_text(found),
