@@ -72,6 +72,10 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
             continue
         print(format_result(name, result), flush=True)
         tested += 1
+    if tested:
+        from search.dashboard import save_tradeoff_plots
+
+        save_tradeoff_plots(storage, args.study_prefix)  # trials added since the last retrain are points too
     return tested, problems
 
 
