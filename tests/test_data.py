@@ -175,6 +175,50 @@ def test_imagefolder_missing_folder_is_a_data_error(tmp_path: Path) -> None:
         load_images("imagefolder", tmp_path / "nothing", "train", 8)
 
 
+def test_imagefolder_skips_hidden_files_and_folders(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path, {"train": ["a", "b"], "test": ["a", "b"]})
+    (root / "train" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"Bud1")
+    (root / "train" / "a" / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "a" / ".thumbs" / "0.png")
+    (root / "train" / ".Trashes").mkdir()
+    train = load_images("imagefolder", root, "train", 8)
+    assert len(train) == 4 and train.classes == ("a", "b")
+
+
+def test_imagefolder_with_one_class_is_a_data_error(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path, {"train": ["cat"], "test": ["cat"]})
+    with pytest.raises(DataError, match="at least 2"):
+        load_images("imagefolder", root, "train", 8)
+
+
+def test_stl10_train_with_one_label_is_a_data_error(tmp_path: Path) -> None:
+    write_stl10_fixture(tmp_path, per_class=1)
+    np.full(10, 4, dtype=np.uint8).tofile(tmp_path / "stl10_binary" / "train_y.bin")
+    with pytest.raises(DataError, match="only one class"):
+        load_images("stl10", tmp_path, "train", 16)
+
+
+# --- the image cache --------------------------------------------------------------------------------
+
+
+def _colour(name: str) -> int:
+    return sum(map(ord, name)) * 37 % 200 + 20
+
+
+def _write_class(root: Path, part: str, name: str, count: int = 2) -> None:
+    """`count` pictures of one flat colour that names the class, so a label can be checked against its pixels."""
+    (root / part / name).mkdir(parents=True)
+    for index in range(count):
+        Image.new("RGB", (12, 12), (_colour(name), 0, 0)).save(root / part / name / f"{index}.png")
+
+
+def _assert_labels_match_pixels(images: data.ImageSet) -> None:
+    red = images.images[:, 0].float().mean((1, 2))
+    expected = torch.tensor([float(_colour(images.classes[label])) for label in images.labels.tolist()])
+    assert torch.allclose(red, expected, atol=2), "labels do not match the images' classes"
+
+
 def test_cache_round_trip_skips_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = _write_folder(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]})
     cache = tmp_path / "cache"
@@ -188,15 +232,188 @@ def test_cache_round_trip_skips_decoding(tmp_path: Path, monkeypatch: pytest.Mon
     second = load_images("imagefolder", root, "train", 8, cache_dir=cache)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert first.classes == second.classes
+    assert first.fingerprint == second.fingerprint != ""
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path: Path) -> None:
+def test_fingerprint_names_source_part_and_size(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]})
+    train8 = load_images("imagefolder", root, "train", 8)
+    assert load_images("imagefolder", root, "train", 8).fingerprint == train8.fingerprint
+    assert load_images("imagefolder", root, "train", 16).fingerprint != train8.fingerprint
+    assert load_images("imagefolder", root, "test", 8).fingerprint != train8.fingerprint
+    stl = write_stl10_fixture(tmp_path / "stl", per_class=1)
+    stl_train = load_images("stl10", stl, "train", 16)
+    assert stl_train.fingerprint == load_images("stl10", stl, "train", 16).fingerprint
+    assert stl_train.fingerprint != load_images("stl10", stl, "test", 16).fingerprint
+
+
+def test_changed_image_rebuilds_cache(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for part in ("train", "test"):
+        _write_class(root, part, "a")
+        _write_class(root, part, "b")
+    cache = tmp_path / "cache"
+    before = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    Image.new("RGB", (12, 12), (0, 255, 0)).save(root / "train" / "a" / "0.png")
+    after = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    assert after.fingerprint != before.fingerprint
+    assert after.images[0, 1].float().mean() == pytest.approx(255, abs=1)  # the new green picture
+
+
+@pytest.mark.parametrize("renamed_in", [("train", "test"), ("train",)])
+def test_renamed_class_after_cache_never_misaligns_labels(tmp_path: Path, renamed_in: tuple[str, ...]) -> None:
+    """Renamed in both parts: both are read anew with the new names. In train only: a DataError."""
+    root = tmp_path / "images"
+    for part in ("train", "test"):
+        for name in ("bird", "cat"):
+            _write_class(root, part, name)
+    cache = tmp_path / "cache"
+    load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    for part in renamed_in:
+        (root / part / "bird").rename(root / part / "zebra")
+        for picture in (root / part / "zebra").iterdir():  # repainted, as a real relabelling would change images
+            Image.new("RGB", (12, 12), (_colour("zebra"), 0, 0)).save(picture)
+    if renamed_in == ("train",):
+        with pytest.raises(DataError, match="class folders differ"):
+            load_images("imagefolder", root, "train", 8, cache_dir=cache)
+        return
+    train = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    test = load_images("imagefolder", root, "test", 8, cache_dir=cache)
+    assert train.classes == test.classes == ("cat", "zebra")
+    _assert_labels_match_pixels(train)
+    _assert_labels_match_pixels(test)
+
+
+def test_added_class_after_cache_is_picked_up(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for part in ("train", "test"):
+        for name in ("bird", "dog"):
+            _write_class(root, part, name)
+    cache = tmp_path / "cache"
+    assert len(load_images("imagefolder", root, "train", 8, cache_dir=cache).classes) == 2
+    for part in ("train", "test"):
+        _write_class(root, part, "cat")
+    train = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    test = load_images("imagefolder", root, "test", 8, cache_dir=cache)
+    assert train.classes == test.classes == ("bird", "cat", "dog")
+    assert int(train.labels.max()) == 2
+    _assert_labels_match_pixels(train)
+    _assert_labels_match_pixels(test)
+
+
+def _garbage_bytes(path: Path, saved: dict) -> None:
+    path.write_bytes(b"not a torch file")
+
+
+def _other_object(path: Path, saved: dict) -> None:
+    torch.save([1, 2, 3], path)
+
+
+def _missing_key(path: Path, saved: dict) -> None:
+    del saved["labels"]
+    torch.save(saved, path)
+
+
+def _wrong_shapes(path: Path, saved: dict) -> None:
+    saved["images"] = saved["images"][:, :, :4]
+    torch.save(saved, path)
+
+
+def _labels_out_of_range(path: Path, saved: dict) -> None:
+    saved["labels"] = saved["labels"] + 10
+    torch.save(saved, path)
+
+
+def _fewer_labels(path: Path, saved: dict) -> None:
+    saved["labels"] = saved["labels"][1:]
+    torch.save(saved, path)
+
+
+@pytest.mark.parametrize(
+    "spoil", [_garbage_bytes, _other_object, _missing_key, _wrong_shapes, _labels_out_of_range, _fewer_labels]
+)
+def test_corrupt_cache_is_rebuilt(tmp_path: Path, spoil) -> None:
     root = write_stl10_fixture(tmp_path / "stl", per_class=1)
     cache = tmp_path / "cache"
     first = load_images("stl10", root, "test", 16, cache_dir=cache)
     (cache_file,) = cache.glob("*.pt")
-    cache_file.write_bytes(b"not a torch file")
-    assert torch.equal(load_images("stl10", root, "test", 16, cache_dir=cache).images, first.images)
+    spoil(cache_file, torch.load(cache_file, weights_only=True))
+    again = load_images("stl10", root, "test", 16, cache_dir=cache)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert torch.load(cache_file, weights_only=True)["fingerprint"] == first.fingerprint  # written anew
+
+
+def test_cache_without_fingerprint_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache file from before fingerprints (same name, no key) may hold other classes: it is decoded again."""
+    root = _write_folder(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]})
+    cache = tmp_path / "cache"
+    fresh = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    (cache_file,) = cache.glob("*.pt")
+    torch.save({"images": fresh.images, "labels": 1 - fresh.labels, "classes": ["x", "y"]}, cache_file)
+    decoded = []
+    read = imagefolder_module.read_imagefolder
+    monkeypatch.setattr(imagefolder_module, "read_imagefolder", lambda *a: decoded.append(1) or read(*a))
+    again = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    assert decoded and again.classes == ("a", "b") and torch.equal(again.labels, fresh.labels)
+
+
+def _writes_are_refused(folder: Path) -> bool:
+    try:
+        (folder / "probe").write_bytes(b"")
+    except OSError:
+        return True
+    (folder / "probe").unlink()
+    return False
+
+
+def _half_write_then_fail(obj: object, path: object, *args: object, **kwargs: object) -> None:
+    Path(str(path)).write_bytes(b"half a file")
+    raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")  # what a full disk gives
+
+
+@pytest.mark.parametrize("how", ["parent is a file", "torch.save fails", "read-only folder"])
+def test_unwritable_cache_warns_and_returns_the_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    root = _write_folder(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]})
+    cache = tmp_path / "cache"
+    if how == "parent is a file":
+        (tmp_path / "file").write_text("")
+        cache = tmp_path / "file" / "cache"
+    elif how == "torch.save fails":
+        monkeypatch.setattr(torch, "save", _half_write_then_fail)
+    else:
+        cache.mkdir()
+        cache.chmod(0o500)
+        if not _writes_are_refused(cache):
+            cache.chmod(0o700)
+            pytest.skip("running as root: a read-only folder is still writable (the other cases cover it)")
+    try:
+        loaded = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    finally:
+        if cache.is_dir():
+            cache.chmod(0o700)
+    assert len(loaded) == 4 and loaded.classes == ("a", "b")
+    assert "pass a writable --cache-dir to keep them" in caplog.text and str(cache) in caplog.text
+    assert (list(cache.iterdir()) if cache.is_dir() else []) == []  # no temporary file left behind
+
+
+def test_read_only_cache_with_a_valid_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _write_folder(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]})
+    cache = tmp_path / "cache"
+    first = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    cache.chmod(0o500)
+
+    def no_writing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("wrote or decoded although the cache was valid")
+
+    monkeypatch.setattr(torch, "save", no_writing)
+    monkeypatch.setattr(imagefolder_module, "read_imagefolder", no_writing)
+    try:
+        again = load_images("imagefolder", root, "train", 8, cache_dir=cache)
+    finally:
+        cache.chmod(0o700)
+    assert torch.equal(again.images, first.images) and again.fingerprint == first.fingerprint
 
 
 def test_imageset_subset_and_to() -> None:
@@ -205,3 +422,23 @@ def test_imageset_subset_and_to() -> None:
     part = full.subset(torch.tensor([1, 3]))
     assert len(part) == 2 and part.labels.tolist() == [1, 1] and part.images.is_contiguous()
     assert part.to("cpu").classes == ("a", "b")
+
+
+def test_subset_fingerprint_comes_from_parent_and_indices() -> None:
+    images = torch.zeros(6, 3, 2, 2, dtype=torch.uint8)
+    full = data.ImageSet(images, torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b"), fingerprint="source")
+    first = full.subset(torch.tensor([0, 2]))
+    assert first.fingerprint == full.subset(torch.tensor([0, 2])).fingerprint
+    assert first.fingerprint not in (full.fingerprint, full.subset(torch.tensor([0, 3])).fingerprint)
+    assert first.to("cpu").fingerprint == first.fingerprint
+    other_source = data.ImageSet(images, full.labels, ("a", "b"), fingerprint="another source")
+    assert other_source.subset(torch.tensor([0, 2])).fingerprint != first.fingerprint
+
+
+def test_imageset_made_by_hand_is_fingerprinted_by_content() -> None:
+    images = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    labels = torch.tensor([0, 1])
+    same = data.ImageSet(images.clone(), labels.clone(), ("a", "b"))
+    assert data.ImageSet(images, labels, ("a", "b")).fingerprint == same.fingerprint
+    assert data.ImageSet(images, 1 - labels, ("a", "b")).fingerprint != same.fingerprint
+    assert data.ImageSet(images, labels, ("a", "c")).fingerprint != same.fingerprint
