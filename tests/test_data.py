@@ -12,7 +12,7 @@ import torchvision.datasets
 from PIL import Image
 
 import data
-from data import DataError, augment, batches, load_images, normalize, stratified_split
+from data import DataError, augment, load_images, normalize, stratified_split
 from data import imagefolder as imagefolder_module
 from data.stl10 import IMAGE_BYTES, STL10_CLASSES, read_stl10, write_stl10_fixture
 
@@ -44,7 +44,7 @@ def test_split_rejects_bad_fraction(fraction: float) -> None:
         stratified_split(torch.zeros(10, dtype=torch.int64), fraction)
 
 
-# --- augment, normalize, batches --------------------------------------------------------------------
+# --- augment, normalize -----------------------------------------------------------------------------
 
 
 def _asymmetric_batch(count: int) -> torch.Tensor:
@@ -76,18 +76,6 @@ def test_normalize_maps_mean_colour_to_zero() -> None:
     out = normalize(images)
     assert out.dtype == torch.float32
     assert torch.allclose(out, (images.float() / 255 - mean) / std, atol=1e-5)
-
-
-def test_shuffled_batches_cover_every_index_once() -> None:
-    images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1).expand(23, 3, 2, 2)
-    labels = torch.arange(23)
-    seen = []
-    for batch_images, batch_labels in batches(images, labels, 5, True, torch.Generator().manual_seed(0)):
-        assert torch.equal(batch_images[:, 0, 0, 0].long(), batch_labels)
-        seen.append(batch_labels)
-    assert [len(b) for b in seen] == [5, 5, 5, 5, 3]
-    assert torch.equal(torch.cat(seen).sort().values, labels)
-    assert not torch.equal(torch.cat(seen), labels)
 
 
 # --- STL-10 -----------------------------------------------------------------------------------------
