@@ -63,7 +63,9 @@ def list_imagefolder(root: Path | str, part: str) -> ImageFolderListing:
     return ImageFolderListing(root, part, classes, tuple(files), tuple(labels), fingerprint)
 
 
-def read_imagefolder(root: Path | str, part: str, image_size: int, listing: ImageFolderListing | None = None) -> ImageSet:
+def read_imagefolder(
+    root: Path | str, part: str, image_size: int, listing: ImageFolderListing | None = None
+) -> ImageSet:
     """Decode every image of `part` to RGB uint8 [3, image_size, image_size]; labels follow sorted class names.
 
     Pass the `listing` the caller already made (and keyed a cache by) so exactly those files are decoded.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torchvision.datasets
 from PIL import Image
 
 import data
-from data import DataError, augment, load_images, normalize, stratified_split
+from data import DataError, augment, augment_with, augmentation_examples, load_images, normalize, stratified_split
 from data import imagefolder as imagefolder_module
 from data.stl10 import IMAGE_BYTES, STL10_CLASSES, read_stl10, write_stl10_fixture
 
@@ -67,6 +68,93 @@ def test_flip_with_p1_is_torch_flip_and_noop_returns_input() -> None:
     rotated_flip = augment(images, 1.0, 1e-9, torch.Generator().manual_seed(0))  # the grid_sample path
     assert torch.allclose(rotated_flip, torch.flip(images, dims=[3]), atol=1e-4)
     assert augment(images, 0.0, 0.0, torch.Generator()) is images
+
+
+def _old_augment(images: torch.Tensor, flip_p: float, max_rotation: float, generator: torch.Generator) -> torch.Tensor:
+    """augment as it was before translation and cutout: affine_grid + grid_sample."""
+    batch = images.shape[0]
+    flip = torch.rand(batch, generator=generator) < flip_p
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(max_rotation)
+    sign = 1.0 - 2.0 * flip.float()
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(batch)
+    theta = torch.stack([torch.stack([cos * sign, -sin, zero], 1), torch.stack([sin * sign, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def test_flip_and_rotation_alone_give_what_they_gave_before() -> None:
+    images = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    new = augment(images, 0.5, 8.0, torch.Generator().manual_seed(5))
+    assert torch.allclose(new, _old_augment(images, 0.5, 8.0, torch.Generator().manual_seed(5)), atol=1e-5)
+
+
+def _shifted(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Pad-and-crop by hand: content moves dx right and dy down, zeros come in."""
+    out = torch.zeros_like(image)
+    height, width = image.shape[-2:]
+    out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
+        :, max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)
+    ]
+    return out
+
+
+def test_translation_moves_whole_pixels_in_both_paths() -> None:
+    images = _asymmetric_batch(4) + 1  # no zeros of its own
+    shift = torch.tensor([[2, -1], [-3, 0], [0, 3], [1, 1]])
+    flip = torch.tensor([False, True, False, True])
+    exact = augment_with(images, flip=flip, shift=shift)
+    resampled = augment_with(images, flip=flip, shift=shift, degrees=torch.zeros(4))  # the grid_sample path
+    for image, out, (dx, dy), flipped in zip(images, exact, shift.tolist(), flip.tolist()):
+        assert torch.equal(out, _shifted(image.flip(-1) if flipped else image, dx, dy))
+    assert torch.allclose(resampled, exact, atol=1e-4)
+
+
+def test_random_translation_is_a_whole_pixel_shift_within_the_limit() -> None:
+    images = _asymmetric_batch(8) + 1
+    out = augment(images, 0.0, 0.0, torch.Generator().manual_seed(2), max_translate=2)
+    shifts = []
+    for image, moved in zip(images, out):
+        candidates = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)]
+        (found,) = [shift for shift in candidates if torch.equal(moved, _shifted(image, *shift))]
+        shifts.append(found)
+    assert len(set(shifts)) > 1
+
+
+def test_cutout_zeroes_one_square_per_image_inside_it() -> None:
+    images = _asymmetric_batch(6) + 1
+    out = augment(images, 0.0, 0.0, torch.Generator().manual_seed(0), cutout=5)
+    zero = out == 0
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # every channel of the same pixels
+    corners = set()
+    for mask in zero[:, 0]:
+        rows, columns = mask.nonzero().unbind(1)
+        assert mask.sum() == 25 and rows.max() - rows.min() == 4 and columns.max() - columns.min() == 4
+        corners.add((int(rows.min()), int(columns.min())))
+    assert len(corners) > 1
+    assert torch.equal(out[~zero], images[~zero])
+    assert torch.equal(augment(images, 0.0, 0.0, torch.Generator(), cutout=99), torch.zeros_like(images))
+
+
+def test_augment_keeps_channels_last() -> None:
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    for settings in [(0.5, 8.0, 0, 0), (0.5, 0.0, 2, 0), (0.5, 8.0, 2, 3), (0.0, 0.0, 0, 3)]:
+        flip_p, rotation, translate, cutout = settings
+        out = augment(channels_last, flip_p, rotation, torch.Generator().manual_seed(1), translate, cutout)
+        assert out.is_contiguous(memory_format=torch.channels_last), settings
+        same = augment(images, flip_p, rotation, torch.Generator().manual_seed(1), translate, cutout)
+        assert torch.allclose(out, same, atol=1e-6), settings
+
+
+def test_augmentation_examples_show_each_lever_alone() -> None:
+    image = _asymmetric_batch(1)[0] + 1
+    examples = augmentation_examples(image, max_rotation=8.0, max_translate=3, cutout=4)
+    assert list(examples) == ["flipped", "rotated", "translated", "cut out"]
+    assert torch.equal(examples["flipped"], image.flip(-1))
+    assert torch.equal(examples["translated"], _shifted(image, 3, 3))
+    assert int((examples["cut out"] == 0).sum()) == 3 * 16 and examples["cut out"][:, 6:10, 6:10].eq(0).all()
+    assert not torch.allclose(examples["rotated"], image)
+    assert list(augmentation_examples(image)) == ["flipped"]
 
 
 def test_normalize_maps_mean_colour_to_zero() -> None:
