@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,23 +45,19 @@ def list_imagefolder(root: Path | str, part: str) -> ImageFolderListing:
     """
     root = Path(root).expanduser()
     classes = _class_names(root)
-    files: list[str] = []
-    labels: list[int] = []
-    stats: list[str] = []
-    for label, name in enumerate(classes):
-        folder = root / part / name
-        found = _image_files(str(folder), name + "/")
+    per_class = []
+    for name in classes:
+        found = _image_files(str(root / part / name), name + "/")
         if not found:
             raise DataError(
-                f"class folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                f"class folder {root / part / name} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "add some, or remove the class from both train and test"
             )
-        for relative, size, mtime in found:
-            files.append(relative)
-            stats.append(f"{relative}\t{size}\t{mtime}")
-        labels += [label] * len(found)
-    fingerprint = fingerprint_of(classes, "\n".join(stats).encode())
-    return ImageFolderListing(root, part, classes, tuple(files), tuple(labels), fingerprint)
+        per_class.append(found)
+    files = tuple(relative for found in per_class for relative, _, _ in found)
+    labels = tuple(label for label, found in enumerate(per_class) for _ in found)
+    fingerprint = fingerprint_of(classes, per_class)  # the repr of every (path, size, mtime)
+    return ImageFolderListing(root, part, classes, files, labels, fingerprint)
 
 
 def read_imagefolder(
@@ -116,17 +113,18 @@ def _image_files(folder: str, prefix: str) -> list[tuple[str, int, int]]:
     found = []
     try:
         with os.scandir(folder) as scan:
-            entries = sorted(scan, key=lambda entry: entry.name)
+            entries = sorted(scan, key=operator.attrgetter("name"))
     except OSError as error:
         raise DataError(f"cannot list folder {folder} ({error}); make it readable") from error
     for entry in entries:
-        if entry.name.startswith("."):
+        name = entry.name
+        if name[0] == ".":
             continue
         if entry.is_dir(follow_symlinks=False):
-            found += _image_files(entry.path, prefix + entry.name + "/")
-        elif entry.name[entry.name.rfind(".") :].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            found += _image_files(entry.path, prefix + name + "/")
+        elif name[name.rfind(".") :].lower() in IMAGE_EXTENSIONS and entry.is_file():
             stat = entry.stat()
-            found.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
+            found.append((prefix + name, stat.st_size, stat.st_mtime_ns))
     return found
 
 
