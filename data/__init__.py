@@ -3,11 +3,11 @@
 Knows nothing of Optuna or the models.
 """
 
-from data.batching import batches
+from data.batching import TrainSampler, batches, eval_batch_size, padded_batches
 from data.imageset import DataError, ImageSet
 from data.loading import DATASETS, default_data_root, load_images
 from data.splits import stratified_split
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, augment_with, augmentation_examples, normalize
 
 __all__ = [
     "DATASETS",
@@ -15,10 +15,15 @@ __all__ = [
     "IMAGENET_STD",
     "DataError",
     "ImageSet",
+    "TrainSampler",
     "augment",
+    "augment_with",
+    "augmentation_examples",
     "batches",
     "default_data_root",
+    "eval_batch_size",
     "load_images",
     "normalize",
+    "padded_batches",
     "stratified_split",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torchvision.datasets
 
-from data.imageset import DataError, ImageSet
+from data.imageset import DataError, ImageSet, fingerprint_of
 
 STL10_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 STL10_CLASSES: tuple[str, ...] = (
@@ -27,6 +27,21 @@ def stl10_files(root: Path | str, part: str) -> tuple[Path, Path]:
     """Paths of the (images, labels) files of `part` ("train" or "test") under `root`."""
     folder = Path(root) / "stl10_binary"
     return folder / f"{part}_X.bin", folder / f"{part}_y.bin"
+
+
+def stl10_fingerprint(root: Path | str, part: str) -> str:
+    """Identity of `part`'s files without reading them: size and modification time of X and y, and the class names.
+
+    A missing file counts as a state of its own, so a cache made before it went missing is not used.
+    """
+    states: list[object] = []
+    for path in stl10_files(root, part):
+        try:
+            stat = path.stat()
+            states.append((path.name, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            states.append((path.name, None))
+    return fingerprint_of(*states, _read_class_names(Path(root) / "stl10_binary"))
 
 
 def _expected_sizes() -> dict[Path, int]:
@@ -108,7 +123,7 @@ def read_stl10(root: Path | str, part: str) -> ImageSet:
             f"STL-10 file {labels_path} has labels outside 1..{len(classes)} "
             f"(found {int(labels.min()) + 1}..{int(labels.max()) + 1}); {fix}"
         )
-    return ImageSet(images=images, labels=labels, classes=classes)
+    return ImageSet(images=images, labels=labels, classes=classes, fingerprint=stl10_fingerprint(root, part))
 
 
 def _read_class_names(folder: Path) -> tuple[str, ...]:
