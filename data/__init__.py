@@ -3,8 +3,8 @@
 Knows nothing of Optuna or the models.
 """
 
-from data.batching import TrainSampler, batches, eval_batch_size, padded_batches
-from data.imageset import DataError, ImageSet
+from data.batching import TrainSampler, eval_batch_size, padded_batches
+from data.imageset import DataError, ImageSet, fingerprint_of
 from data.loading import DATASETS, default_data_root, load_images
 from data.splits import stratified_split
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, augment_with, augmentation_examples, normalize
@@ -19,9 +19,9 @@ __all__ = [
     "augment",
     "augment_with",
     "augmentation_examples",
-    "batches",
     "default_data_root",
     "eval_batch_size",
+    "fingerprint_of",
     "load_images",
     "normalize",
     "padded_batches",

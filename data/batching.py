@@ -35,6 +35,14 @@ class TrainSampler:
         self.generator = generator
         self._pending = torch.empty(0, dtype=torch.int64, device=generator.device)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a run resumed from a checkpoint needs to draw the batches it would have drawn."""
+        return {"generator": self.generator.get_state(), "pending": self._pending.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self._pending = state["pending"].to(self.generator.device)
+
     def epoch(self) -> Iterator[torch.Tensor]:
         """The next `batches_per_epoch` int64 index tensors of shape [batch_size]."""
         for _ in range(self.batches_per_epoch):
@@ -76,28 +84,3 @@ def padded_batches(
         else:
             index = torch.arange(start, start + batch_size, device=images.device).clamp_(max=count - 1)
             yield images[index], labels[index.to(labels.device)], n_valid
-
-
-def batches(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches covering every index once; the last partial batch is kept.
-
-    Superseded by TrainSampler (training) and padded_batches (evaluation), which keep one batch shape.
-    Shuffling draws one permutation on images.device (a `generator` must live there too).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    count = images.shape[0]
-    if shuffle:
-        order = torch.randperm(count, generator=generator, device=images.device)
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            yield images[index], labels[index]
-    else:
-        for start in range(0, count, batch_size):
-            yield images[start : start + batch_size], labels[start : start + batch_size]

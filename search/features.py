@@ -1,56 +1,43 @@
 """A frozen backbone's features, computed once and reused by every trial that trains a head on them.
 
-Features are keyed by a hash of the images, the backbone's weights and the augmentation view, kept in
-memory for the worker's life and on disk across processes. Augmentation stays meaningful: a fixed number
-of augmented views of the training images is cached and each epoch draws one.
+Features are keyed by what made them: the images (their fingerprint), the backbone's weights, the
+augmentation view, the code version and the numerics (device type and precision). They are kept in memory
+for the worker's life and on disk across processes. Augmentation stays meaningful: a fixed number of
+augmented views of the training images is cached and each epoch draws one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import logging
 import os
-import pickle
-import weakref
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from filelock import FileLock
 from torch import nn
 from tqdm import tqdm
 
-from data import ImageSet, augment, batches, normalize
+from data import ImageSet, TrainSampler, eval_batch_size, fingerprint_of, normalize, padded_batches
+from search.pipeline import Augmentation
 from search.training import EVAL_BATCH_SIZE, autocast
 
+FEATURES_VERSION = 2  # bump when computing features changes (preprocessing, augmentation, precision)
 VIEW_SEED_BASE = 10_000  # views are shared by all trials, so their randomness must not depend on a trial's seed
+FEATURE_BATCH_SIZE = 512
 _MEMORY: dict[str, torch.Tensor] = {}
-# A worker keeps its image tensors for its whole life and never changes them in place: hash each one once,
-# not once per view and per trial.
-_IMAGE_DIGESTS: dict[int, str] = {}  # by id(tensor); an entry leaves with its tensor
+_log = logging.getLogger(__name__)
 
 
-def _digest(*parts: object) -> str:
-    h = hashlib.sha1()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            h.update(part.detach().contiguous().cpu().numpy().tobytes())
-        elif isinstance(part, nn.Module):
-            for name, tensor in part.state_dict().items():
-                h.update(name.encode())
-                h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-        else:
-            h.update(repr(part).encode())
-    return h.hexdigest()[:20]
+def weights_digest(module: nn.Module) -> str:
+    """The identity of a module's weights (and batch-norm statistics)."""
+    return fingerprint_of(*(item for name, tensor in module.state_dict().items() for item in (name, tensor.float())))
 
 
-def _images_digest(images: torch.Tensor) -> str:
-    key = id(images)
-    if key not in _IMAGE_DIGESTS:
-        _IMAGE_DIGESTS[key] = _digest(images)
-        weakref.finalize(images, _IMAGE_DIGESTS.pop, key, None)  # so a later tensor with this id is hashed anew
-    return _IMAGE_DIGESTS[key]
+def numerics(device: torch.device) -> str:
+    """How features are computed on this device: bf16 autocast on CUDA, fp32 on the CPU. Part of the key."""
+    return "cuda-bf16" if device.type == "cuda" else f"{device.type}-fp32"
 
 
 @torch.inference_mode()
@@ -58,76 +45,108 @@ def compute_features(
     backbone: nn.Module,
     images: torch.Tensor,
     device: torch.device,
-    flip_p: float = 0.0,
-    max_rotation: float = 0.0,
+    augmentation: Augmentation | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Backbone outputs of uint8 images (optionally one augmented view of them), float32 [N, F] on `device`."""
+    """Backbone outputs of uint8 images (optionally one augmented view of them), float32 [N, F] on `device`.
+
+    Batches have one shape (the last one padded), so cuDNN tunes its kernels once.
+    """
     backbone.eval()
     outputs = []
     labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
-    batch_size = EVAL_BATCH_SIZE // 4
-    progress = tqdm(batches(images, labels, batch_size, shuffle=False), total=-(-len(images) // batch_size),
-                    desc="backbone features (computed once)", unit="batch", leave=False, disable=None, file=sys.stderr)
-    for x, _ in progress:
+    size = eval_batch_size(len(images), FEATURE_BATCH_SIZE)
+    progress = tqdm(padded_batches(images, labels, size), total=-(-len(images) // size), unit="batch",
+                    desc="backbone features (computed once)", leave=False, disable=None, file=sys.stderr)
+    for x, _, n_valid in progress:
         x = normalize(x.to(device, non_blocking=True))
-        if generator is not None:
-            x = augment(x, flip_p, max_rotation, generator)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if augmentation is not None:
+            x = augmentation.apply(x, generator)
         with autocast(device):
-            outputs.append(backbone(x).float())
+            outputs.append(backbone(x.contiguous(memory_format=torch.channels_last)).float()[:n_valid])
     return torch.cat(outputs)
 
 
 def cached_features(
     backbone: nn.Module,
-    images: torch.Tensor,
+    images: ImageSet,
     device: torch.device,
     cache_dir: Path | None,
     view: int | None = None,
-    flip_p: float = 0.0,
-    max_rotation: float = 0.0,
-    weights_digest: str | None = None,
+    augmentation: Augmentation | None = None,
+    weights: str | None = None,
 ) -> torch.Tensor:
     """`compute_features` for the plain images (view None) or augmented view `view`, through the caches."""
-    weights_digest = weights_digest or _digest(backbone)
-    augmentation = None if view is None else (view, float(flip_p), float(max_rotation))
-    key = _digest(_images_digest(images), weights_digest, augmentation)
+    augmented = None if view is None else (view, augmentation)
+    key = fingerprint_of(FEATURES_VERSION, images.fingerprint, weights or weights_digest(backbone), augmented,
+                         numerics(device))
     if key in _MEMORY:
         return _MEMORY[key].to(device)
     path = cache_dir / "features" / f"{key}.pt" if cache_dir else None
-    features = None
-    if path is not None and path.is_file():
-        try:
-            features = torch.load(path, map_location=device, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-            features = None  # a torn cache file is recomputed
+    features = _read(path, len(images), device)
     if features is None:
-        features = _compute_once(backbone, images, device, path, view, flip_p, max_rotation)
+        features = _compute_once(backbone, images.images, device, path, view, augmentation)
     _MEMORY[key] = features
     return features
 
 
+def _read(path: Path | None, count: int, device: torch.device) -> torch.Tensor | None:
+    """The cached features, or None when missing or not what a feature file holds (it is then recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        features = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torn, truncated or foreign: recompute, never fail a trial
+        _log.warning("recomputing unreadable feature cache %s (%s)", path, error)
+        return None
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) != count:
+        _log.warning("recomputing feature cache %s: it does not hold features of %d images", path, count)
+        return None
+    return features.float()
+
+
 def _compute_once(backbone: nn.Module, images: torch.Tensor, device: torch.device, path: Path | None,
-                  view: int | None, flip_p: float, max_rotation: float) -> torch.Tensor:
-    """Compute and save features; workers that need the same file meanwhile wait for it instead of redoing it."""
+                  view: int | None, augmentation: Augmentation | None) -> torch.Tensor:
+    """Compute and save features; workers that need the same file meanwhile wait for it instead of redoing it.
+
+    A cache that cannot be written costs the next trial a recomputation, never this trial its features.
+    """
     generator = None if view is None else torch.Generator(device=device).manual_seed(VIEW_SEED_BASE + view)
+
+    def compute() -> torch.Tensor:
+        return compute_features(backbone, images, device, augmentation if view is not None else None, generator)
+
     if path is None:
-        return compute_features(backbone, images, device, flip_p, max_rotation, generator)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            with contextlib.suppress(RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-                return torch.load(path, map_location=device, weights_only=True)
-        features = compute_features(backbone, images, device, flip_p, max_rotation, generator)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(features.cpu(), tmp)
-        tmp.replace(path)  # atomic: readers never see half a file
-    return features
+        return compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as error:
+        _log.warning("feature cache folder %s is not writable (%s); features are not kept", path.parent, error)
+        return compute()
+    try:
+        features = _read(path, len(images), device)
+        if features is not None:
+            return features
+        features = compute()
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(features.cpu(), temporary)
+            os.replace(temporary, path)  # atomic: readers never see half a file
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+            temporary.unlink(missing_ok=True)
+            _log.warning("could not save features to %s (%s); pass a writable --cache-dir to keep them", path, error)
+        return features
+    finally:
+        lock.release()
 
 
 class FeatureBatches:
-    """Batches of cached backbone features: epoch k trains on augmented view (k-1) mod feature_views."""
+    """Batches of cached backbone features: epoch k trains on augmented view (k-1) mod feature_views.
+
+    Like image batches, every training batch has one shape and evaluation batches are padded to another.
+    """
 
     def __init__(
         self,
@@ -135,41 +154,41 @@ class FeatureBatches:
         parts: dict[str, ImageSet],
         batch_size: int,
         feature_views: int,
-        flip_p: float,
-        max_rotation: float,
+        augmentation: Augmentation,
         device: torch.device,
         seed: int,
         cache_dir: Path | None,
     ) -> None:
-        weights = _digest(backbone)
-        augmenting = flip_p > 0 or max_rotation > 0
-        train_images = parts["train"].images
+        weights = weights_digest(backbone)
+        augmenting = augmentation != Augmentation()
         self.views = [
-            cached_features(backbone, train_images, device, cache_dir, v if augmenting else None, flip_p, max_rotation, weights)
+            cached_features(backbone, parts["train"], device, cache_dir, v if augmenting else None, augmentation,
+                            weights)
             for v in range(feature_views if augmenting else 1)
         ]
-        self.parts = parts
         self.eval_features = {
-            name: cached_features(backbone, part.images, device, cache_dir, None, weights_digest=weights)
+            name: cached_features(backbone, part, device, cache_dir, weights=weights)
             for name, part in parts.items()
             if name != "train"
         }
+        self.parts = parts
         self.labels = {name: part.labels.to(device) for name, part in parts.items()}
-        self.batch_size = batch_size
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.sampler = TrainSampler(len(parts["train"]), batch_size, torch.Generator(device=device).manual_seed(seed))
 
     def num_batches(self) -> int:
-        return -(-len(self.labels["train"]) // self.batch_size)
+        return self.sampler.batches_per_epoch
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"].cpu())
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         view = self.views[(epoch - 1) % len(self.views)]
-        yield from batches(view, self.labels["train"], self.batch_size, shuffle=True, generator=self.generator)
+        for index in self.sampler.epoch():
+            yield view[index], self.labels["train"][index]
 
-    def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from batches(self.eval_features[part], self.labels[part], EVAL_BATCH_SIZE, shuffle=False)
+    def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        features = self.eval_features[part]
+        yield from padded_batches(features, self.labels[part], eval_batch_size(len(features), EVAL_BATCH_SIZE))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from data import ImageSet, augment, batches, load_images, normalize, stratified_split
+from data import (DataError, ImageSet, TrainSampler, augment, eval_batch_size, load_images, normalize,
+                  padded_batches, stratified_split)
 from search.errors import UserError
 from search.training import EVAL_BATCH_SIZE
 
@@ -45,6 +47,9 @@ def load_parts(config: DataConfig, size: int, with_test: bool = False, full_trai
     parts = {"train": everything if full_train else everything.subset(train_idx), "val": everything.subset(val_idx)}
     if with_test:
         parts["test"] = load_images(config.dataset, config.data_root, "test", size, config.cache_dir)
+        if parts["test"].classes != everything.classes:  # the folders changed between the two reads
+            raise DataError(f"the test part's classes {list(parts['test'].classes)} differ from the train part's "
+                            f"{list(everything.classes)}; the dataset changed while it was read, run again")
     return parts
 
 
@@ -56,46 +61,79 @@ def place(parts: dict[str, ImageSet], device: torch.device) -> dict[str, ImageSe
     free, _ = torch.cuda.mem_get_info(device)
     if needed < free // 2:
         return {name: p.to(device) for name, p in parts.items()}
-    return {name: ImageSet(p.images.pin_memory(), p.labels.to(device), p.classes) for name, p in parts.items()}
+    return {name: dataclasses.replace(p, images=p.images.pin_memory(), labels=p.labels.to(device))
+            for name, p in parts.items()}
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation of a run; translation and cutout are fractions of the image side."""
+
+    flip_p: float = 0.0
+    max_rotation: float = 0.0
+    translate: float = 0.0
+    cutout: float = 0.0
+
+    @classmethod
+    def of(cls, params: dict[str, Any]) -> Augmentation:
+        return cls(*(float(params.get(name, 0.0)) for name in ("flip_p", "max_rotation", "translate", "cutout")))
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Per image random draws from `generator` (on images.device), on normalized float images."""
+        side = images.shape[-1]
+        return augment(images, self.flip_p, self.max_rotation, generator, max_translate=round(self.translate * side),
+                       cutout=round(self.cutout * side))
+
+
+def fixed_eval_batches(part: ImageSet, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(uint8 images, labels on `device`, n_valid) batches of one shape per part; padding rows are not real."""
+    size = eval_batch_size(len(part), EVAL_BATCH_SIZE)
+    for x, y, n_valid in padded_batches(part.images, part.labels, size):
+        yield x, y.to(device, non_blocking=True), n_valid
 
 
 class ImageBatches:
-    """Batches of uint8 images, normalized and augmented on the device, one random draw per image."""
+    """Batches of uint8 images, normalized and augmented on the device, one random draw per image.
 
-    def __init__(self, parts: dict[str, ImageSet], batch_size: int, flip_p: float, max_rotation: float,
+    Every training batch has one shape and every evaluation batch of a part another (padded, its padding
+    left out of the metrics): on a GPU, cuDNN tunes its kernels per input shape, so a worker tunes a shape
+    once and its later trials of that batch size and image size reuse the choice.
+    """
+
+    def __init__(self, parts: dict[str, ImageSet], batch_size: int, augmentation: Augmentation,
                  device: torch.device, seed: int, channels_last: bool = False) -> None:
         self.parts = parts
-        self.batch_size = batch_size
-        self.flip_p, self.max_rotation = flip_p, max_rotation
+        self.augmentation = augmentation
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.index_generator = torch.Generator(device=parts["train"].images.device).manual_seed(seed)
+        index_generator = torch.Generator(device=parts["train"].images.device).manual_seed(seed)
+        self.sampler = TrainSampler(len(parts["train"]), batch_size, index_generator)
 
     def num_batches(self) -> int:
-        return -(-len(self.parts["train"]) // self.batch_size)
+        return self.sampler.batches_per_epoch
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         """The random state at an epoch boundary: a run resumed from a checkpoint draws what it would have drawn."""
-        return {"generator": self.generator.get_state(), "index_generator": self.index_generator.get_state()}
+        return {"generator": self.generator.get_state(), "sampler": self.sampler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"].cpu())
-        self.index_generator.set_state(state["index_generator"].cpu())
+        self.sampler.load_state_dict(state["sampler"])
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+        return normalize(x.to(self.device, non_blocking=True))
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         train = self.parts["train"]
-        for x, y in batches(train.images, train.labels, self.batch_size, shuffle=True, generator=self.index_generator):
-            x = augment(self._prepare(x), self.flip_p, self.max_rotation, self.generator)
-            yield x.contiguous(memory_format=self.memory_format), y.to(self.device)  # grid_sample returns NCHW
+        for index in self.sampler.epoch():
+            x = self.augmentation.apply(self._prepare(train.images[index]), self.generator)
+            y = train.labels[index.to(train.labels.device)]
+            yield x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
 
-    def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        images = self.parts[part]
-        for x, y in batches(images.images, images.labels, EVAL_BATCH_SIZE, shuffle=False):
-            yield self._prepare(x), y.to(self.device)
+    def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        for x, y, n_valid in fixed_eval_batches(self.parts[part], self.device):
+            yield self._prepare(x).contiguous(memory_format=self.memory_format), y, n_valid
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -113,4 +151,5 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-__all__ = ["STORED_DATA_FIELDS", "DataConfig", "ImageBatches", "load_parts", "place", "resolve_device"]
+__all__ = ["STORED_DATA_FIELDS", "Augmentation", "DataConfig", "ImageBatches", "fixed_eval_batches", "load_parts",
+           "place", "resolve_device"]

@@ -46,6 +46,9 @@ def training_space(
         integer("warmup_epochs", 0, 3, default=0, limits=(0, 10_000), help="linear warm-up from zero"),
         real("flip_p", 0.0, 0.5, default=0.5, limits=(0.0, 1.0), help="horizontal flip probability"),
         real("max_rotation", 0.0, 15.0, default=8.0, limits=(0.0, 180.0), help="degrees"),
+        real("translate", 0.0, 0.125, default=0.0, limits=(0.0, 0.5),
+             help="random shift, up to this share of the image side (pad and crop)"),
+        real("cutout", 0.0, 0.5, default=0.0, limits=(0.0, 1.0), help="side of one blanked square, share of the side"),
     ]
 
 

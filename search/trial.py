@@ -22,7 +22,7 @@ from torch import nn
 from data import ImageSet
 from search.family import Family
 from search.features import FeatureBatches
-from search.pipeline import DataConfig, ImageBatches
+from search.pipeline import Augmentation, DataConfig, ImageBatches
 from search.training import (BatchSource, Diverged, EpochMetrics, Evaluation, evaluate, make_loss, make_optimizer,
                              make_schedule, train_epoch)
 
@@ -108,12 +108,12 @@ def prepare(family: Family, params: dict[str, Any], parts: dict[str, ImageSet], 
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = family.cudnn_benchmark
+    augmentation = Augmentation.of(params)
     if uses_feature_cache(model):
         source = FeatureBatches(model.backbone, parts, int(params["batch_size"]), int(params["feature_views"]),
-                                float(params["flip_p"]), float(params["max_rotation"]), device, seed, config.cache_dir)
+                                augmentation, device, seed, config.cache_dir)
         return model, model.head, source
-    source = ImageBatches(parts, int(params["batch_size"]), float(params["flip_p"]), float(params["max_rotation"]),
-                          device, seed, channels_last=conv)
+    source = ImageBatches(parts, int(params["batch_size"]), augmentation, device, seed, channels_last=conv)
     return model, model, source
 
 

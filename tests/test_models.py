@@ -15,7 +15,7 @@ import models
 from models import ParamError, WeightsError, count_trainable, format_layer_table, layer_rows
 from search.errors import UserError
 from search.family import get_family
-from search.pipeline import ImageBatches, load_parts
+from search.pipeline import Augmentation, ImageBatches, load_parts
 from search.training import make_optimizer, parameter_groups
 from search.trial import run_trial
 
@@ -111,7 +111,7 @@ def test_training_a_frozen_mobilenet_changes_the_head_only(tiny_config) -> None:
     model = build_model("mobilenet_frozen", params, num_classes=4, weights=None)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
-    source = ImageBatches(parts, 16, flip_p=0.5, max_rotation=8.0, device=CPU, seed=0)
+    source = ImageBatches(parts, 16, Augmentation(flip_p=0.5, max_rotation=8.0), device=CPU, seed=0)
     run_trial(family, params, parts, tiny_config, CPU, 0, prepared=(model, model, source))
     backbone_after = model.backbone.state_dict()
     assert backbone_before.keys() == backbone_after.keys()

@@ -124,6 +124,12 @@ def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixtur
     for name in ("report.html", "report.md", "best_params.json", "trials.csv", "report.json", "summary.csv",
                  "images/data_grid.png", "images/augmentation.png"):
         assert (out_dir / name).is_file(), name
+    from PIL import Image
+
+    from search.report.pictures import PICTURE_SIZE
+
+    with Image.open(out_dir / "images" / "augmentation.png") as picture:  # flipped, rotated, translated, cut out
+        assert picture.height >= 4 * PICTURE_SIZE
 
     markdown = (out_dir / "report.md").read_text()
     logreg_row = next(line for line in markdown.splitlines() if line.startswith("| logistic regression | logreg |"))

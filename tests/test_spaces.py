@@ -101,7 +101,8 @@ def test_fixing_a_parameter_leaves_one_value() -> None:
     assert dims["epochs"].low == dims["epochs"].high == 2
     params = suggest(FixedTrial({"lr": 1e-3, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
                                  "batch_size": 64, "loss": "nll", "epochs": 2, "flip_p": 0.0,
-                                 "max_rotation": 0.0, "lr_schedule": "constant", "warmup_epochs": 0}), list(dims.values()))
+                                 "max_rotation": 0.0, "lr_schedule": "constant", "warmup_epochs": 0, "translate": 0.0, "cutout": 0.0}),
+        list(dims.values()))
     assert params["lr"] == 1e-3 and params["epochs"] == 2
 
 
@@ -222,7 +223,7 @@ def test_reference_trial_drops_values_a_narrowed_space_excludes() -> None:
 def _mlp_fixed(n_layers: int) -> dict:
     values = {"n_layers": n_layers, "batch_norm": True, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4,
               "batch_size": 256, "loss": "cross_entropy", "epochs": 50, "flip_p": 0.5, "max_rotation": 8.0,
-              "lr_schedule": "cosine", "warmup_epochs": 1}
+              "lr_schedule": "cosine", "warmup_epochs": 1, "translate": 0.05, "cutout": 0.2}
     values.update({f"width_{i}": 2 ** (12 - i) for i in range(1, n_layers + 1)})
     values.update({f"dropout_{i}": 0.1 for i in range(1, n_layers + 1)})
     return values

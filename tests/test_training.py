@@ -14,7 +14,7 @@ import search.features
 from data import normalize
 from search.family import get_family
 from search.features import FeatureBatches
-from search.pipeline import ImageBatches, load_parts
+from search.pipeline import Augmentation, ImageBatches, load_parts
 from search.training import Diverged, EpochMetrics, evaluate, lr_factor, make_loss
 from search.trial import Checkpoint, Interrupted, prepare, run_trial
 
@@ -297,7 +297,7 @@ def test_cached_feature_path_scores_like_the_image_path(
     assert result.trained is result.model.head
     assert isinstance(result.source, FeatureBatches)
     on_features = result.evaluate("val", CPU)
-    images = ImageBatches(parts, 8, flip_p=0.0, max_rotation=0.0, device=CPU, seed=0)
+    images = ImageBatches(parts, 8, Augmentation(flip_p=0.0, max_rotation=0.0), device=CPU, seed=0)
     on_images = evaluate(result.model.eval(), images.eval_batches("val"), make_loss(params), CPU)
     assert on_features.loss == pytest.approx(on_images.loss, rel=1e-5)
     assert torch.equal(on_features.predictions, on_images.predictions)
@@ -309,8 +309,9 @@ def test_cached_feature_path_scores_like_the_image_path(
 def test_plain_eval_features_are_the_backbone_of_normalized_images(tiny_config, fresh_feature_memory) -> None:
     parts = load_parts(tiny_config, 32)
     model = _frozen_mobilenet()
-    source = FeatureBatches(model.backbone, parts, 8, 2, 0.5, 8.0, CPU, 0, tiny_config.cache_dir)
-    ((features, labels),) = list(source.eval_batches("val"))
+    source = FeatureBatches(model.backbone, parts, 8, 2, Augmentation(0.5, 8.0), CPU, 0, tiny_config.cache_dir)
+    ((features, labels, n_valid),) = list(source.eval_batches("val"))
+    assert n_valid == len(parts["val"])
     with torch.inference_mode():
         expected = model.backbone(normalize(parts["val"].images))
     _assert_close(features, expected)
@@ -320,7 +321,7 @@ def test_plain_eval_features_are_the_backbone_of_normalized_images(tiny_config, 
 def test_training_views_are_augmented_and_cycle_by_epoch(tiny_config, fresh_feature_memory) -> None:
     parts = load_parts(tiny_config, 32)
     backbone = _frozen_mobilenet().backbone
-    source = FeatureBatches(backbone, parts, 8, 2, 0.5, 0.0, CPU, 0, None)  # flips only: exact, checkable views
+    source = FeatureBatches(backbone, parts, 8, 2, Augmentation(0.5, 0.0), CPU, 0, None)  # flips only: exact, checkable views
     with torch.inference_mode():
         plain = backbone(normalize(parts["train"].images))
         flipped = backbone(normalize(parts["train"].images).flip(-1))
@@ -349,7 +350,7 @@ def test_second_feature_source_reads_the_cache_instead_of_the_backbone(
     monkeypatch.setattr(search.features, "compute_features", counting)
 
     def build() -> FeatureBatches:
-        return FeatureBatches(backbone, parts, 8, 2, 0.5, 8.0, CPU, 0, tiny_config.cache_dir)
+        return FeatureBatches(backbone, parts, 8, 2, Augmentation(0.5, 8.0), CPU, 0, tiny_config.cache_dir)
 
     first = build()
     assert len(calls) == 3  # two training views and the validation part
@@ -366,7 +367,7 @@ def test_second_feature_source_reads_the_cache_instead_of_the_backbone(
 def test_other_backbone_weights_are_not_served_from_the_cache(tiny_config, fresh_feature_memory) -> None:
     parts = load_parts(tiny_config, 32)
     sources = [
-        FeatureBatches(_frozen_mobilenet(seed).backbone, parts, 8, 1, 0.0, 0.0, CPU, 0, tiny_config.cache_dir)
+        FeatureBatches(_frozen_mobilenet(seed).backbone, parts, 8, 1, Augmentation(0.0, 0.0), CPU, 0, tiny_config.cache_dir)
         for seed in (0, 1)
     ]
     first, second = (source.eval_features["val"] for source in sources)
@@ -378,9 +379,9 @@ def test_other_backbone_weights_are_not_served_from_the_cache(tiny_config, fresh
 
 def test_augmentation_is_off_at_evaluation(tiny_config) -> None:
     parts = load_parts(tiny_config, 32)
-    source = ImageBatches(parts, 8, flip_p=1.0, max_rotation=30.0, device=CPU, seed=0)
+    source = ImageBatches(parts, 8, Augmentation(flip_p=1.0, max_rotation=30.0), device=CPU, seed=0)
     first, second = (list(source.eval_batches("val")) for _ in range(2))
-    assert len(first) == len(second) == 1
+    assert len(first) == len(second) == 1 and first[0][2] == len(parts["val"])
     assert torch.equal(first[0][0], second[0][0])
     assert torch.equal(first[0][0], normalize(parts["val"].images))
     assert torch.equal(first[0][1], parts["val"].labels)
@@ -388,7 +389,7 @@ def test_augmentation_is_off_at_evaluation(tiny_config) -> None:
 
 def test_augmentation_is_on_in_training(tiny_config) -> None:
     parts = load_parts(tiny_config, 32)
-    source = ImageBatches(parts, 64, flip_p=1.0, max_rotation=0.0, device=CPU, seed=0)
+    source = ImageBatches(parts, 64, Augmentation(flip_p=1.0, max_rotation=0.0), device=CPU, seed=0)
     (x, y), = list(source.train_batches(1))
     plain = normalize(parts["train"].images)
     order = [int(torch.nonzero(torch.all((plain.flip(-1) == image).flatten(1), dim=1))[0]) for image in x]
@@ -396,23 +397,83 @@ def test_augmentation_is_on_in_training(tiny_config) -> None:
     assert torch.equal(y, parts["train"].labels[order])
 
 
+def _shapes_seen(model: nn.Module) -> dict[str, set]:
+    """Every input shape `model` sees, by mode: what cuDNN would tune a kernel for."""
+    seen: dict[str, set] = {"train": set(), "eval": set()}
+    model.register_forward_pre_hook(lambda m, inputs: seen["train" if m.training else "eval"].add(
+        tuple(inputs[0].shape)))
+    return seen
+
+
+@pytest.mark.parametrize("family, params", [
+    ("cnn", {"batch_size": 10}),  # 32 train images: 3 batches of 10 an epoch, the 2 left start the next epoch
+    ("mobilenet_frozen", {"batch_size": 10, "fc1": 16, "fc2": 8, "feature_views": 2}),  # the head on features
+])
+def test_a_trial_feeds_its_model_one_training_shape_and_one_evaluation_shape(tiny_config, family, params,
+                                                                             fresh_feature_memory) -> None:
+    parts = load_parts(tiny_config, 32)
+    assert len(parts["train"]) % 10 != 0  # a short last batch would be a second shape
+    entry = get_family(family)
+    shapes: list[dict] = []
+    run_trial(entry, entry.resolve({"epochs": 3, **params}), parts, tiny_config, CPU, 0,
+              on_start=lambda model, source: shapes.append(_shapes_seen(source_module(model))))
+    assert len(shapes[0]["train"]) == 1 and len(shapes[0]["eval"]) == 1
+    (train_shape,) = shapes[0]["train"]
+    assert train_shape[0] == 10
+
+
+def source_module(model: nn.Module) -> nn.Module:
+    """The module a run feeds: the head of a frozen backbone (it trains on cached features), else the model."""
+    return model.head if getattr(model, "frozen", False) else model
+
+
+def test_features_made_by_other_code_or_numerics_are_not_reused(tiny_config, fresh_feature_memory,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = load_parts(tiny_config, 32)
+    backbone = _frozen_mobilenet().backbone
+    FeatureBatches(backbone, parts, 8, 1, Augmentation(), CPU, 0, tiny_config.cache_dir)
+    files = set((tiny_config.cache_dir / "features").glob("*.pt"))
+    monkeypatch.setattr(search.features, "_MEMORY", {})
+    monkeypatch.setattr(search.features, "FEATURES_VERSION", search.features.FEATURES_VERSION + 1)
+    FeatureBatches(backbone, parts, 8, 1, Augmentation(), CPU, 0, tiny_config.cache_dir)
+    assert len(set((tiny_config.cache_dir / "features").glob("*.pt")) - files) == 2  # computed anew, not read
+    assert search.features.numerics(torch.device("cuda")) != search.features.numerics(CPU)
+
+
+def test_a_feature_cache_that_cannot_be_written_does_not_fail_the_trial(tiny_config, fresh_feature_memory,
+                                                                        monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(search.features.torch, "save", disk_full)
+    parts = load_parts(tiny_config, 32)
+    source = FeatureBatches(_frozen_mobilenet().backbone, parts, 8, 1, Augmentation(), CPU, 0, tiny_config.cache_dir)
+    assert source.eval_features["val"].shape == (len(parts["val"]), 1280)
+    assert "pass a writable --cache-dir" in caplog.text
+    assert not list((tiny_config.cache_dir / "features").glob("*.tmp"))
+
+
 @pytest.mark.parametrize(
     "content",
     [
-        pytest.param(b"", id="empty"),
+        pytest.param({"features": [1, 2]}, id="not-a-tensor"),
+        pytest.param(torch.zeros(3, 1280), id="other-images"),
         pytest.param(b"PK\x03\x04 torn zip", id="torn"),
         pytest.param(b"not a tensor file at all", id="garbage"),
     ],
 )
 def test_corrupt_feature_cache_file_is_recomputed(
-    tiny_config, fresh_feature_memory, monkeypatch: pytest.MonkeyPatch, content: bytes
+    tiny_config, fresh_feature_memory, monkeypatch: pytest.MonkeyPatch, content: object
 ) -> None:
     parts = load_parts(tiny_config, 32)
     backbone = _frozen_mobilenet().backbone
-    first = FeatureBatches(backbone, parts, 8, 1, 0.0, 0.0, CPU, 0, tiny_config.cache_dir)
+    first = FeatureBatches(backbone, parts, 8, 1, Augmentation(0.0, 0.0), CPU, 0, tiny_config.cache_dir)
     for path in (tiny_config.cache_dir / "features").glob("*.pt"):
-        path.write_bytes(content)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
     monkeypatch.setattr(search.features, "_MEMORY", {})
-    again = FeatureBatches(backbone, parts, 8, 1, 0.0, 0.0, CPU, 0, tiny_config.cache_dir)
+    again = FeatureBatches(backbone, parts, 8, 1, Augmentation(0.0, 0.0), CPU, 0, tiny_config.cache_dir)
     assert torch.equal(first.eval_features["val"], again.eval_features["val"])
     assert torch.equal(first.views[0], again.views[0])

@@ -27,7 +27,8 @@ from search.report.tables import summary_table
 
 FORMATS = ("md", "html", "json", "csv")
 PICTURES = {"data_grid.png": "4 random train images per class", "augmentation.png":
-            "augmentation: original vs flipped (top), original vs rotated by up to 8 degrees (bottom)"}
+            "augmentation, one lever per row: original vs flipped, rotated by 8 degrees, translated by an eighth of "
+            "the side, and with a quarter of the side cut out"}
 
 
 def parse_formats(text: str) -> list[str]:

@@ -1,7 +1,8 @@
 """The data pictures the reference report opened with, drawn with PIL from the study's own train images.
 
 Part 1: 4 random images per class, one row per class, the label at the row's start.
-Part 2: one random train image as original vs flipped, and original vs rotated.
+Part 2: one random train image as original vs flipped and vs rotated, as the study showed it, and vs
+translated and cut out, the levers the search adds.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import ImageSet, augment
+from data import ImageSet, augmentation_examples
 
 PICTURE_SIZE = 96
 _GAP = 4
@@ -42,26 +43,27 @@ def data_grid(images: ImageSet, per_class: int = 4, seed: int = 0) -> Image.Imag
     return grid
 
 
+# Each lever at a setting the search may pick, so the picture shows what it does: the study's flip and
+# rotation by 8 degrees, and translation and cutout, which the search adds.
+SHOWN = {"max_rotation": 8.0, "translate": 0.125, "cutout": 0.25}
+
+
 def augmentation_picture(images: ImageSet, seed: int = 0) -> Image.Image:
-    """One random train image: original vs flipped (top), original vs rotated (bottom), labelled."""
+    """One random train image: a row per lever, original vs flipped, rotated, translated and cut out."""
     generator = torch.Generator().manual_seed(seed)
     index = int(torch.randint(len(images), (1,), generator=generator))
-    original = images.images[index : index + 1].cpu().float()
-    max_rotation = 8.0  # the study's
-    flipped = augment(original, 1.0, 0.0, generator)
-    rotated = original
-    while torch.equal(rotated, original):  # a draw of exactly 0 degrees would show nothing
-        rotated = augment(original, 0.0, max_rotation, generator)
-    font = _font()
+    original = images.images[index].cpu().float()
     side = original.shape[-1]
+    examples = augmentation_examples(original, max_rotation=SHOWN["max_rotation"],
+                                     max_translate=round(SHOWN["translate"] * side), cutout=round(SHOWN["cutout"] * side))
+    font = _font()
     caption = 22
-    picture = Image.new("RGB", (2 * side + 3 * _GAP, 2 * (side + caption) + _GAP), _BACKGROUND)
+    picture = Image.new("RGB", (2 * side + 3 * _GAP, len(examples) * (side + caption + _GAP)), _BACKGROUND)
     draw = ImageDraw.Draw(picture)
-    rows = ((flipped, "flipped"), (rotated, "rotated"))
-    for row, (changed, name) in enumerate(rows):
+    for row, (name, changed) in enumerate(examples.items()):
         top = row * (side + caption + _GAP)
         for column, (image, label) in enumerate(((original, "original"), (changed, name))):
             left = _GAP + column * (side + _GAP)
             draw.text((left, top + 2), label, fill=(0, 0, 0), font=font)
-            picture.paste(_to_pil(image[0].round().clamp(0, 255).to(torch.uint8)), (left, top + caption))
+            picture.paste(_to_pil(image.round().clamp(0, 255).to(torch.uint8)), (left, top + caption))
     return picture
