@@ -22,7 +22,7 @@ from models import count_trainable
 from search.errors import UserError
 from search.pipeline import load_parts, place
 from search.storage import storage_file
-from search.studies import best_trial as best_of, load_settings, trial_params, trial_seed
+from search.studies import DATA_ATTR, best_trial as best_of, load_settings, trial_params, trial_seed
 from search.training import autocast
 from search.trial import has_convolutions, run_trial
 
@@ -127,7 +127,8 @@ def retrain_and_test(
     log(f"[{study.study_name}] retraining trial #{trial.number} for {best_epoch} epoch(s) on "
         f"{'train+validation' if full_train else 'train'} ({device})")
     size = family.size_for(params, config.image_size)
-    parts = place(load_parts(config, size, with_test=True, full_train=full_train), device)
+    parts = place(load_parts(config, size, with_test=True, full_train=full_train,
+                             expect=study.user_attrs.get(DATA_ATTR)), device)
     trained = run_trial(family, params, parts, config, device, seed, stop_after=best_epoch,
                         on_epoch=lambda m: log(f"[{study.study_name}] epoch {m.epoch}/{best_epoch}: train loss "
                                                f"{m.train_loss:.4f}, val accuracy {m.val_accuracy:.2%} "

@@ -36,13 +36,30 @@ class DataConfig:
     weights: str | None = "imagenet"  # pretrained families only: "imagenet", a state-dict path, or "none"
 
 
-def load_parts(config: DataConfig, size: int, with_test: bool = False, full_train: bool = False) -> dict[str, ImageSet]:
+def data_identity(*images: ImageSet) -> dict[str, Any]:
+    """What a study remembers of its train images (given whole or as train and validation parts): class names
+    and images per class. It survives copying the data to another host, unlike file times, and tells a renamed,
+    added or removed class or image."""
+    labels = torch.cat([part.labels.cpu() for part in images])
+    counts = torch.bincount(labels, minlength=len(images[0].classes)).tolist()
+    return {"classes": list(images[0].classes), "images_per_class": counts}
+
+
+def load_parts(config: DataConfig, size: int, with_test: bool = False, full_train: bool = False,
+               expect: dict[str, Any] | None = None) -> dict[str, ImageSet]:
     """{"train", "val"[, "test"]} as uint8 image sets of side `size`.
 
     With full_train, train is train+validation; val still holds the validation images, so its curve is no
-    longer a held-out measure (the test split is).
+    longer a held-out measure (the test split is). With `expect` (a study's `data_identity`), train images
+    that differ from it are a DataError: results on other data must not join the study's.
     """
     everything = load_images(config.dataset, config.data_root, "train", size, config.cache_dir)
+    if expect is not None and data_identity(everything) != expect:
+        now = data_identity(everything)
+        what = (f"classes {expect['classes']} -> {now['classes']}" if now["classes"] != expect["classes"] else
+                f"images per class {expect['images_per_class']} -> {now['images_per_class']}")
+        raise DataError(f"the dataset {config.data_root or config.dataset} changed since the study was created "
+                        f"({what}); restore it, or start new studies with --study-prefix")
     train_idx, val_idx = stratified_split(everything.labels, config.val_fraction, config.split_seed)
     parts = {"train": everything if full_train else everything.subset(train_idx), "val": everything.subset(val_idx)}
     if with_test:
@@ -151,5 +168,5 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-__all__ = ["STORED_DATA_FIELDS", "Augmentation", "DataConfig", "ImageBatches", "fixed_eval_batches", "load_parts",
-           "place", "resolve_device"]
+__all__ = ["STORED_DATA_FIELDS", "Augmentation", "DataConfig", "ImageBatches", "data_identity", "fixed_eval_batches",
+           "load_parts", "place", "resolve_device"]

@@ -30,6 +30,7 @@ PRUNERS = ("hyperband", "halving", "median", "none")
 SETTINGS_ATTR = "settings"
 DEADLINE_ATTR = "deadline"  # UTC seconds since the epoch after which no trial starts and running ones stop
 ENDED_ATTR = "ended"  # why the last search of the study ended: its trial budget or its time budget
+DATA_ATTR = "data_identity"  # classes and images per class of the train part the study searched
 OBJECTIVE_NAME = "validation accuracy"
 
 

@@ -21,13 +21,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from data import ImageSet
+from data import DataError, ImageSet
 from models import count_trainable
 from search.errors import USER_ERRORS
 from search.pipeline import DataConfig, load_parts, place
 from search.space import suggest
 from search.storage import budget_lock
-from search.studies import ENDED_ATTR, StudySettings, count_trials, deadline_of, load_for_work, trial_seed
+from search.studies import DATA_ATTR, ENDED_ATTR, StudySettings, count_trials, deadline_of, load_for_work, trial_seed
 from search.trial import Checkpoint, Interrupted, run_trial
 from search.training import Diverged, EpochMetrics
 
@@ -93,9 +93,11 @@ class StudyWork:
         self._parts: dict[int, dict[str, ImageSet]] = {}
 
     def parts(self, size: int) -> dict[str, ImageSet]:
+        """The data at `size`; a DataError when it is not the data the study was created on."""
         if size not in self._parts:
             self.log(f"[{self.study.study_name}] loading {self.config.dataset} at {size}px on {self.device}")
-            self._parts[size] = place(load_parts(self.config, size), self.device)
+            expect = self.study.user_attrs.get(DATA_ATTR)
+            self._parts[size] = place(load_parts(self.config, size, expect=expect), self.device)
         return self._parts[size]
 
     def checkpoint(self, first_number: int, params: dict[str, Any], seed: int) -> Checkpoint | None:
@@ -117,6 +119,8 @@ class StudyWork:
         except torch.OutOfMemoryError as error:
             free_device_memory()
             return Outcome(TrialState.FAIL, None, f"out of memory: {str(error).splitlines()[0]}")
+        except DataError:
+            raise  # not this setting's fault: the worker leaves the study, the trial is queued again
         except USER_ERRORS as error:
             return Outcome(TrialState.FAIL, None, f"invalid parameters: {error}")
         except StopRequested:
@@ -238,6 +242,12 @@ def work(
                 with _unless_already_finished(log, trial):
                     _requeue(study, trial, str(stopped))
                 log(f"[{name} #{trial.number}] {stopped}")
+                break
+            except DataError as error:
+                with _unless_already_finished(log, trial):
+                    _requeue(study, trial, f"not run: {error}")
+                study.set_user_attr(ENDED_ATTR, f"worker left: {error}")
+                log(f"[{name}] this worker leaves the study: {error}")
                 break
             except BaseException:
                 with _unless_already_finished(log, trial):

@@ -19,10 +19,10 @@ from search.commands.options import (data_config, data_given, host_data_override
 from search.errors import UserError
 from search.family import Family, get_family
 from search.launcher import plan_workers, start_workers, summary_table, supervise
-from search.pipeline import load_parts, resolve_device
+from search.pipeline import data_identity, load_parts, resolve_device
 from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact, storage_file
-from search.studies import (ENDED_ATTR, PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields,
+from search.studies import (DATA_ATTR, ENDED_ATTR, PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields,
                             existing_study_names, load_settings, set_deadlines, study_name)
 from search.warmstart import warm_start
 from search.worker import work
@@ -73,15 +73,19 @@ def family_file(family: Family) -> str | None:
     return family.origin if Path(family.origin).is_file() else None
 
 
-def prepare_data(settings: StudySettings, cache_dir: Path | None) -> None:
-    """Download and decode the data once, and fetch pretrained weights, before any worker starts."""
+def prepare_data(settings: StudySettings, cache_dir: Path | None, expect: dict[str, Any] | None) -> dict[str, Any]:
+    """Download and decode the data once, and fetch pretrained weights, before any worker starts.
+
+    Returns the data's identity; a continued study's data must still match the one it stored (`expect`).
+    """
     config = settings.data_config(cache_dir=cache_dir)
     family = settings.model_family()
     sizes = {d.name: d for d in settings.dims()}.get("image_size")
     for size in (sizes.choices or (sizes.low,)) if sizes else (family.size_for({}, config.image_size),):
-        load_parts(config, int(size))
+        parts = load_parts(config, int(size), expect=expect)
     if family.pretrained:
         load_mobilenet_v2(config.weights)
+    return expect or data_identity(parts["train"], parts["val"])
 
 
 def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str, dict[str, Any]]
@@ -96,12 +100,15 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
     storage = None if path is not None and not path.exists() else open_from_args(args)[0]
     existing = set(existing_study_names(storage)) if storage is not None else set()
     requested = data_fields(data_config(args)) if data_given(args) else None
-    plans = []
+    plans, identities = [], []
     for name in names:
         family = get_family(name)
         full_name = study_name(name, args.study_prefix)
+        identities.append(None)
         if full_name in existing:
-            old = load_settings(optuna.load_study(study_name=full_name, storage=storage))
+            old_study = optuna.load_study(study_name=full_name, storage=storage)
+            identities[-1] = old_study.user_attrs.get(DATA_ATTR)
+            old = load_settings(old_study)
             settings = StudySettings(
                 family=name,
                 n_trials=args.n_trials or old.n_trials,
@@ -125,10 +132,11 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
                 family_file=family_file(family),
             )
         plans.append((full_name, settings))
-    for _, settings in plans:
-        prepare_data(settings, args.cache_dir)
+    identities = [prepare_data(settings, args.cache_dir, known) for (_, settings), known in zip(plans, identities)]
     storage = storage or open_from_args(args)[0]
     studies = [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings in plans]
+    for study, identity in zip(studies, identities):
+        study.set_user_attr(DATA_ATTR, identity)
     if getattr(args, "warm_start", None):
         for study, (_, settings) in zip(studies, plans):
             warm_start(study, settings.dims(), settings.family, args.warm_start, args.warm_start_k, _log)
