@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import optuna
 import torch
-from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from data import ImageSet
@@ -53,7 +53,7 @@ class Outcome:
 @contextlib.contextmanager
 def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat in a thread, so that if this process dies the trial is failed and re-run."""
-    interval = storage.get_heartbeat_interval() if isinstance(storage, RDBStorage) else None
+    interval = storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
     if not interval:
         yield
         return
