@@ -13,10 +13,12 @@ import contextlib
 import copy
 import hashlib
 import random
+import re
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
+from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
@@ -42,16 +44,38 @@ T = TypeVar("T")
 _TRANSIENT_MESSAGES = ("locked", "could not connect", "connection refused", "server closed the connection",
                        "connection is closed", "connection is lost", "terminating connection", "the database system is",
                        "deadlock detected", "could not serialize", "timeout expired")
+# Query parameters whose value is a credential: password, passwd, sslpassword, pwd, secret, token, api_key, ...
+_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
+    """The URL with every credential replaced by ***, safe to print or log.
+
+    Hidden: the password of the user info (up to the last '@' before the host, as a password may hold '@'),
+    and the value of every query parameter named like a credential (password=, sslpassword=, token=, ...).
+    """
     if url.startswith("journal:"):
         return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
+    scheme, separator, rest = url.partition("://")
+    if not separator or not re.fullmatch(r"[A-Za-z][\w+.-]*", scheme):
         return "<malformed storage URL>"
+    first_at = rest.find("@")
+    if first_at != -1 and "/" not in rest[:first_at].partition(":")[0]:  # a user name holds no '/'
+        end = re.search(r"[/?#]", rest[first_at:])
+        last_at = rest.rfind("@", 0, first_at + end.start() if end else len(rest))
+        user, colon, _ = rest[:last_at].partition(":")
+        rest = f"{user}{':***' if colon else ''}@{rest[last_at + 1:]}"
+    head, question, query = rest.partition("?")
+    if question:
+        query, hash_mark, fragment = query.partition("#")
+        parameters = [_redact_parameter(p) for p in re.split(r"([&;])", query)]
+        rest = f"{head}?{''.join(parameters)}{hash_mark}{fragment}"
+    return f"{scheme}://{rest}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _ = parameter.partition("=")
+    return f"{name}=***" if equals and _SECRET_PARAMETER.search(unquote(name)) else parameter
 
 
 def sqlite_path(url: str) -> Path | None:
