@@ -21,18 +21,10 @@ from optuna.trial import FrozenTrial, TrialState
 from models import count_trainable
 from search.errors import UserError
 from search.pipeline import fit, load_parts, place
-from search.storage import storage_file, with_retries
+from search.storage import artifact_dir, with_retries  # artifact_dir: re-exported, it moved to storage.py
 from search.studies import load_settings
 
 BEST_ATTR = "best_result"
-
-
-def artifact_dir(url: str, override: Path | None = None) -> Path:
-    """Where weights go: --artifacts, else "artifacts" beside a SQLite or journal file, else ./artifacts."""
-    if override is not None:
-        return Path(override)
-    path = storage_file(url)
-    return (path.parent if path is not None else Path(".")) / "artifacts"
 
 
 def artifact_store(url: str, override: Path | None = None) -> FileSystemArtifactStore:

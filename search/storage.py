@@ -12,6 +12,7 @@ import abc
 import contextlib
 import copy
 import hashlib
+import os
 import random
 import re
 import sqlite3
@@ -37,6 +38,7 @@ HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
 MAX_RETRIES = 3
 RETRY_SECONDS = 60.0  # how long a storage call is tried again before its error is raised
+ARTIFACTS_ENV = "STL10_SEARCH_ARTIFACTS"
 CREATION_LOCK_KEY = 0x5354_4C31_3053  # PostgreSQL advisory lock held while a process creates Optuna's tables
 T = TypeVar("T")
 
@@ -108,6 +110,27 @@ def storage_kind(url: str) -> str:
         return make_url(url).get_backend_name()
     except (sqlalchemy.exc.ArgumentError, ValueError):
         return ""
+
+
+def artifact_dir(url: str, override: Path | None = None) -> Path:
+    """Where the weights of `best` go and where `dashboard` reads them, the same from any folder.
+
+    --artifacts, else $STL10_SEARCH_ARTIFACTS, else "artifacts" beside a SQLite or journal file, else (a
+    database server) $XDG_DATA_HOME/stl10-search/artifacts/HOST-PORT-DATABASE (~/.local/share by default).
+    """
+    if override is not None:
+        return Path(override)
+    if os.environ.get(ARTIFACTS_ENV):
+        return Path(os.environ[ARTIFACTS_ENV])
+    path = storage_file(url)
+    if path is not None:
+        return path.parent / "artifacts"
+    parsed = make_url(url)
+    host = parsed.host or parsed.query.get("host") or "localhost"
+    port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), "")
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{host}-{port}-{parsed.database or ''}")
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "stl10-search" / "artifacts" / key
 
 
 def is_transient(error: BaseException) -> bool:

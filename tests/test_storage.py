@@ -20,7 +20,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import TrialState
 
 from search.errors import UserError
-from search.storage import RetryingStorage, budget_lock, open_storage, redact
+from search.storage import RetryingStorage, artifact_dir, budget_lock, open_storage, redact
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -211,3 +211,19 @@ def test_redact_hides_every_credential(url: str, secrets: list[str]) -> None:
 ])
 def test_redact_keeps_the_rest_readable(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+def test_artifacts_live_beside_a_file_storage_or_in_one_per_user_folder_per_server(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("STL10_SEARCH_ARTIFACTS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert artifact_dir(f"sqlite:///{tmp_path}/studies.db") == tmp_path / "artifacts"
+    assert artifact_dir(f"journal:{tmp_path}/journal.log") == tmp_path / "artifacts"
+    server = artifact_dir("postgresql://search:secret@db-host/studies")
+    assert server == tmp_path / "data" / "stl10-search" / "artifacts" / "db-host-5432-studies"
+    assert artifact_dir("postgresql+psycopg://other:pw2@db-host:5432/studies?sslmode=require") == server
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert artifact_dir("postgresql://search:secret@db-host/studies") == server  # not ./artifacts
+    monkeypatch.setenv("STL10_SEARCH_ARTIFACTS", str(tmp_path / "env"))
+    assert artifact_dir("postgresql://search:secret@db-host/studies") == tmp_path / "env"
+    assert artifact_dir(f"sqlite:///{tmp_path}/studies.db", tmp_path / "flag") == tmp_path / "flag"

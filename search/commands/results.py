@@ -104,9 +104,12 @@ def report(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: 
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    from search.dashboard import serve
+    from search.dashboard import check_host, serve
 
+    warning = check_host(args.host, args.allow_remote)
     storage, url = open_existing(args)
+    if warning:
+        _log(warning)
     folder = artifact_dir(url, args.artifacts)
     _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) on http://{args.host}:{args.port}/ ; Ctrl-C stops")
     try:
