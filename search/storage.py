@@ -34,6 +34,7 @@ from search.errors import UserError
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
 SQLITE_BUSY_TIMEOUT_S = 120
+LOCK_TIMEOUT_S = 120  # how long a process waits for another to finish creating a storage or starting a trial
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
 MAX_RETRIES = 3
@@ -157,7 +158,7 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     def __init__(self, inner: BaseStorage, url: str, *, rdb: RDBStorage | None = None,
                  retry_seconds: float = RETRY_SECONDS) -> None:
-        self.inner, self.url, self.retry_seconds = inner, url, retry_seconds
+        self.inner, self.retry_seconds = inner, retry_seconds  # the URL itself is not kept: it may hold a password
         self.kind = storage_kind(url)
         self.storage_file = storage_file(url)
         self.engine: sqlalchemy.engine.Engine | None = rdb.engine if rdb is not None else None
@@ -257,7 +258,7 @@ def open_storage(
     if path is not None:
         if not path.parent.exists():
             raise UserError(f"folder {path.parent} for the journal storage does not exist")
-        with _file_lock(Path(f"{path}.open.lock"), busy_timeout, "opening the journal"):
+        with _file_lock(Path(f"{path}.open.lock"), LOCK_TIMEOUT_S, "opening the journal"):
             journal = JournalStorage(JournalFileBackend(str(path)))
         return RetryingStorage(journal, url, retry_seconds=retry_seconds)
     try:
@@ -274,7 +275,7 @@ def open_storage(
         if db_path is not None:
             if db_path.parent and not db_path.parent.exists():
                 raise UserError(f"folder {db_path.parent} for the SQLite storage does not exist")
-            creation_lock = _file_lock(Path(f"{db_path}.open.lock"), busy_timeout, "creating the storage")
+            creation_lock = _file_lock(Path(f"{db_path}.open.lock"), LOCK_TIMEOUT_S, "creating the storage")
     elif backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
         creation_lock = _postgres_creation_lock(url, engine_kwargs["connect_args"])
@@ -320,7 +321,7 @@ def budget_lock(storage: RetryingStorage, study_name: str, legacy_study_name: st
     """
     name = legacy_study_name if legacy_study_name is not None else study_name
     if storage.storage_file is not None:
-        with _file_lock(Path(f"{storage.storage_file}.{name}.lock"), SQLITE_BUSY_TIMEOUT_S, "starting a trial"):
+        with _file_lock(Path(f"{storage.storage_file}.{name}.lock"), LOCK_TIMEOUT_S, "starting a trial"):
             yield
         return
     if storage.kind == "postgresql" and storage.engine is not None:
