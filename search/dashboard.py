@@ -14,7 +14,6 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from models import FAMILIES
 from search.errors import UserError
-from search.storage import with_retries
 from search.studies import load_settings
 
 CURVES_PLOT_ID = "best-trial-learning-curves"
@@ -31,14 +30,14 @@ def save_dashboard_plots(study: optuna.Study, result: dict[str, Any]) -> None:
     from search.report.figures import confusion_figure, learning_curves
 
     title = FAMILIES[load_settings(study).family].title
-    trial = with_retries(lambda: study._storage.get_trial(
-        study._storage.get_trial_id_from_study_id_trial_number(study._study_id, result["trial"])))
+    trial = study._storage.get_trial(
+        study._storage.get_trial_id_from_study_id_trial_number(study._study_id, result["trial"]))
     history = trial.user_attrs.get("history", [])
     if history:
         figure = learning_curves(history, f"{title}: trial #{trial.number}, loss and accuracy per epoch")
-        with_retries(lambda: save_plotly_graph_object(study, figure, graph_object_id=CURVES_PLOT_ID))
+        save_plotly_graph_object(study, figure, graph_object_id=CURVES_PLOT_ID)
     figure = confusion_figure(result, f"{title}: test confusion matrix (trial #{trial.number} retrained)")
-    with_retries(lambda: save_plotly_graph_object(study, figure, graph_object_id=CONFUSION_PLOT_ID))
+    save_plotly_graph_object(study, figure, graph_object_id=CONFUSION_PLOT_ID)
 
 
 def check_host(host: str, allow_remote: bool) -> str | None:

@@ -21,7 +21,7 @@ import optuna
 
 from search.errors import UserError
 from search.studies import count_trials, counts_of, search_seconds
-from search.storage import storage_kind, with_retries
+from search.storage import storage_kind
 
 LAUNCHER_PID_ENV = "STL10_SEARCH_LAUNCHER_PID"
 STOP_GRACE_S = 60.0  # after SIGTERM, how long workers get to finish their epoch before SIGKILL
@@ -109,7 +109,7 @@ def budget_of(study: optuna.Study) -> int:
 
 def best_value(study: optuna.Study) -> float | None:
     try:
-        return with_retries(lambda: study.best_value)
+        return study.best_value
     except ValueError:
         return None
 
@@ -210,10 +210,10 @@ def watch_launcher(stop: threading.Event, interval: float = 1.0) -> threading.Th
 def summary_table(studies: list[optuna.Study], storage) -> str:
     rows = [("study", "finished", "complete", "pruned", "failed", "best val acc", "best trial", "search time")]
     for study in studies:
-        trials = with_retries(lambda: study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
         counts, span = counts_of(trials), search_seconds(trials)
         best = best_value(study)
-        best_number = with_retries(lambda: study.best_trial.number) if best is not None else None
+        best_number = study.best_trial.number if best is not None else None
         rows.append((study.study_name, f"{counts.finished}/{budget_of(study)}", str(counts.complete),
                      str(counts.pruned), str(counts.failed), f"{best:.2%}" if best is not None else "-",
                      f"#{best_number}" if best_number is not None else "-", f"{span / 60:.1f} min"))
