@@ -100,7 +100,7 @@ def storage_seconds_per_trial(data_root: Path, trials: int) -> tuple[float, floa
             create_or_update(storage, "logreg", settings)
             spent[0] = 0.0
             started = time.perf_counter()
-            work(storage, url, ["logreg"], resolve_device("cpu"), threading.Event(), log=lambda line: None,
+            work(storage, ["logreg"], resolve_device("cpu"), threading.Event(), log=lambda line: None,
                  data_overrides={"cache_dir": Path(tmp) / "cache"})
             total = time.perf_counter() - started
     finally:

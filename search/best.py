@@ -21,20 +21,12 @@ from optuna.trial import FrozenTrial, TrialState
 from models import count_trainable
 from search.errors import UserError
 from search.pipeline import load_parts, place
-from search.storage import storage_file
+from search.storage import artifact_dir  # noqa: F401 - re-exported: it moved to storage.py
 from search.studies import DATA_ATTR, best_trial as best_of, load_settings, trial_params, trial_seed
 from search.training import autocast
 from search.trial import has_convolutions, run_trial
 
 BEST_ATTR = "best_result"
-
-
-def artifact_dir(url: str, override: Path | None = None) -> Path:
-    """Where weights go: --artifacts, else "artifacts" beside a SQLite or journal file, else ./artifacts."""
-    if override is not None:
-        return Path(override)
-    path = storage_file(url)
-    return (path.parent if path is not None else Path(".")) / "artifacts"
 
 
 def artifact_store(url: str, override: Path | None = None) -> FileSystemArtifactStore:

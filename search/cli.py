@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_argument(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dashboard.add_argument("--allow-remote", action="store_true",
+                           help="allow a --host other than loopback: optuna-dashboard has no login, and anyone "
+                                "who reaches it can delete studies and artifacts")
     add_artifacts_argument(dashboard)
     dashboard.set_defaults(handler="search.commands.results:run_dashboard")
 

@@ -6,11 +6,13 @@ trial's learning curves and the test confusion matrix, saved on the study with i
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
+from search.errors import UserError
 from search.family import get_family
 from search.studies import load_settings
 
@@ -60,6 +62,27 @@ def save_dashboard_plots(study: optuna.Study, result: dict[str, Any]) -> None:
     figure = confusion_figure(result, f"{title}: test confusion matrix (trial #{trial.number} retrained)")
     save_plotly_graph_object(study, figure, graph_object_id=CONFUSION_PLOT_ID)
     save_tradeoff_plots(study._storage, prefix=study.study_name.removesuffix(family))
+
+
+def check_host(host: str, allow_remote: bool) -> str | None:
+    """None for a loopback address; for any other, a warning if `allow_remote`, else a UserError.
+
+    optuna-dashboard has no authentication, and its API deletes studies and uploads and deletes artifacts:
+    listening beyond this machine must be a choice, not a typo. Only "localhost" and loopback IPs count
+    as loopback; a host name is not resolved.
+    """
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    if not allow_remote:
+        raise UserError(f"--host {host} would let anyone who reaches this machine delete studies and artifacts "
+                        "(optuna-dashboard has no login); prefer an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST), "
+                        "or pass --allow-remote if you mean it")
+    return (f"warning: the dashboard on {host} is open to anyone who reaches this machine, without a login: they "
+            "can read, change and delete studies and artifacts")
 
 
 def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, host: str, port: int) -> None:

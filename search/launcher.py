@@ -1,11 +1,18 @@
-"""Start worker processes (one or more per GPU, or on the CPU), show live progress, forward Ctrl-C, summarize."""
+"""Start worker processes (one or more per GPU, or on the CPU), show live progress, forward Ctrl-C, summarize.
+
+Workers run in their own sessions, so a terminal's Ctrl-C reaches the launcher alone. The launcher therefore
+owns their fate: it forwards Ctrl-C, stops them when it fails, and tells them its pid so that they stop by
+themselves when it is killed outright (`watch_launcher`).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +21,10 @@ import optuna
 
 from search.errors import UserError
 from search.studies import count_trials, counts_of, search_seconds
-from search.storage import with_retries
+from search.storage import storage_kind
+
+LAUNCHER_PID_ENV = "STL10_SEARCH_LAUNCHER_PID"
+STOP_GRACE_S = 60.0  # after SIGTERM, how long workers get to finish their epoch before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,23 @@ def plan_workers(gpus: str | None, workers_per_gpu: int, cpu_workers: int | None
     return [WorkerSlot("cpu", None, threads) for _ in range(count)]
 
 
+def check_worker_count(url: str, count: int) -> None:
+    """A journal file has no heartbeats, so it takes one worker at a time: refuse more before any starts."""
+    if count > 1 and storage_kind(url) == "journal":
+        raise UserError(f"journal storage takes one worker at a time, and this launch would start {count}; "
+                        "start one (--gpus none --workers 1, or --gpus N), or use SQLite (sqlite:///FILE, one "
+                        "machine) or PostgreSQL for parallel workers")
+
+
 def start_workers(slots: list[WorkerSlot], models: list[str], url: str, extra_args: list[str], log_dir: Path
                   ) -> list[subprocess.Popen]:
     """Each worker in its own session, so a terminal's Ctrl-C reaches the launcher alone, which forwards it."""
+    check_worker_count(url, len(slots))
     log_dir.mkdir(parents=True, exist_ok=True)
     processes = []
     for index, slot in enumerate(slots):
-        env = dict(os.environ, STL10_SEARCH_STORAGE=url, PYTHONUNBUFFERED="1")  # no password in `ps`
+        env = dict(os.environ, STL10_SEARCH_STORAGE=url, PYTHONUNBUFFERED="1",  # no password in `ps`
+                   **{LAUNCHER_PID_ENV: str(os.getpid())})
         if slot.visible_gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.visible_gpu
         command = [sys.executable, "-m", "search.cli", "worker", "--model", ",".join(models), "--device", slot.device,
@@ -89,13 +109,18 @@ def budget_of(study: optuna.Study) -> int:
 
 def best_value(study: optuna.Study) -> float | None:
     try:
-        return with_retries(lambda: study.best_value)
+        return study.best_value
     except ValueError:
         return None
 
 
-def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], storage, interval: float = 2.0) -> int:
-    """Show progress until every worker exits. Ctrl-C once: workers stop after their epoch; twice: killed."""
+def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], storage, interval: float = 2.0,
+              grace: float = STOP_GRACE_S) -> int:
+    """Show progress until every worker exits. Ctrl-C once: workers stop after their epoch; twice: killed.
+
+    If the launcher itself fails here, its workers are stopped (SIGTERM, SIGKILL after `grace` seconds):
+    in their own sessions they would otherwise run on out of reach of Ctrl-C.
+    """
     interrupts = 0
 
     def on_signal(signum, frame) -> None:
@@ -121,27 +146,74 @@ def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], st
             line = progress_line(studies, storage)
             now = time.monotonic()
             if tty:
-                print("\r" + line[: os.get_terminal_size().columns - 1].ljust(os.get_terminal_size().columns - 1),
-                      end="", file=sys.stderr, flush=True)
+                width = max(terminal_columns() - 1, 20)
+                print("\r" + line[:width].ljust(width), end="", file=sys.stderr, flush=True)
             elif line != last or now - last_print > 60:
                 print(line, file=sys.stderr, flush=True)
                 last_print = now
             last = line
         if tty:
             print(file=sys.stderr)
+    except BaseException:
+        stop_workers(processes, grace)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return interrupts
 
 
+def terminal_columns() -> int:
+    """The width of stderr's terminal, where progress goes; stdout may be a pipe (`search ... | tee log`)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or shutil.get_terminal_size().columns
+    except (OSError, ValueError, AttributeError):  # stderr replaced by an object without a terminal behind it
+        return shutil.get_terminal_size().columns
+
+
+def stop_workers(processes: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every running worker (it queues its trial again after its epoch), SIGKILL those left after `grace` s."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in processes:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def watch_launcher(stop: threading.Event, interval: float = 1.0) -> threading.Thread | None:
+    """In a worker that a launcher started: set `stop` once the launcher is gone (killed with SIGKILL, say).
+
+    Nothing else would tell the worker, which runs in its own session. Stopped, it queues its trial again and
+    exits instead of training on unwatched. Returns the watching thread; None for a worker started by hand.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit():
+        return None
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):  # the launcher is the parent; an orphan is adopted by another
+            if stop.wait(interval):
+                return
+        print(f"worker: launcher (pid {launcher}) is gone; stopping after the current epoch", flush=True)
+        stop.set()
+
+    thread = threading.Thread(target=watch, name="watch-launcher", daemon=True)
+    thread.start()
+    return thread
+
+
 def summary_table(studies: list[optuna.Study], storage) -> str:
     rows = [("study", "finished", "complete", "pruned", "failed", "best val acc", "best trial", "search time")]
     for study in studies:
-        trials = with_retries(lambda: study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
         counts, span = counts_of(trials), search_seconds(trials)
         best = best_value(study)
-        best_number = with_retries(lambda: study.best_trial.number) if best is not None else None
+        best_number = study.best_trial.number if best is not None else None
         rows.append((study.study_name, f"{counts.finished}/{budget_of(study)}", str(counts.complete),
                      str(counts.pruned), str(counts.failed), f"{best:.2%}" if best is not None else "-",
                      f"#{best_number}" if best_number is not None else "-", f"{span / 60:.1f} min"))

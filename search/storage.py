@@ -1,42 +1,84 @@
 """The one place that opens storage: SQLite by default, any SQLAlchemy URL (PostgreSQL), or a journal file.
 
-SQLite holds many worker processes on one machine with WAL journaling and a long busy timeout; every
-RDB storage runs heartbeats so that a trial whose worker died is failed and queued again.
+Every caller gets a RetryingStorage: Optuna's storage for the URL, whose calls are run again when the database
+is briefly unavailable. SQLite holds many worker processes on one machine with WAL journaling and a busy
+timeout; every RDB storage runs heartbeats so that a trial whose worker died is failed and queued again. A
+journal file has no heartbeats, so it takes one worker at a time (`exclusive_worker`).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import copy
 import hashlib
+import os
+import random
+import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from filelock import FileLock, Timeout
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from search.errors import UserError
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
 SQLITE_BUSY_TIMEOUT_S = 120
+LOCK_TIMEOUT_S = 120  # how long a process waits for another to finish creating a storage or starting a trial
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
 MAX_RETRIES = 3
+RETRY_SECONDS = 60.0  # how long a storage call is tried again before its error is raised
+ARTIFACTS_ENV = "STL10_SEARCH_ARTIFACTS"
+CREATION_LOCK_KEY = 0x5354_4C31_3053  # PostgreSQL advisory lock held while a process creates Optuna's tables
 T = TypeVar("T")
+
+# Driver messages of a database that is busy or briefly away, as opposed to a query that can never succeed.
+_TRANSIENT_MESSAGES = ("locked", "could not connect", "connection refused", "server closed the connection",
+                       "connection is closed", "connection is lost", "terminating connection", "the database system is",
+                       "deadlock detected", "could not serialize", "timeout expired")
+# Query parameters whose value is a credential: password, passwd, sslpassword, pwd, secret, token, api_key, ...
+_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
+    """The URL with every credential replaced by ***, safe to print or log.
+
+    Hidden: the password of the user info (up to the last '@' before the host, as a password may hold '@'),
+    and the value of every query parameter named like a credential (password=, sslpassword=, token=, ...).
+    """
     if url.startswith("journal:"):
         return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
+    scheme, separator, rest = url.partition("://")
+    if not separator or not re.fullmatch(r"[A-Za-z][\w+.-]*", scheme):
         return "<malformed storage URL>"
+    first_at = rest.find("@")
+    if first_at != -1 and "/" not in rest[:first_at].partition(":")[0]:  # a user name holds no '/'
+        end = re.search(r"[/?#]", rest[first_at:])
+        last_at = rest.rfind("@", 0, first_at + end.start() if end else len(rest))
+        user, colon, _ = rest[:last_at].partition(":")
+        rest = f"{user}{':***' if colon else ''}@{rest[last_at + 1:]}"
+    head, question, query = rest.partition("?")
+    if question:
+        query, hash_mark, fragment = query.partition("#")
+        parameters = [_redact_parameter(p) for p in re.split(r"([&;])", query)]
+        rest = f"{head}?{''.join(parameters)}{hash_mark}{fragment}"
+    return f"{scheme}://{rest}"
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _ = parameter.partition("=")
+    return f"{name}=***" if equals and _SECRET_PARAMETER.search(unquote(name)) else parameter
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -61,12 +103,140 @@ def storage_file(url: str) -> Path | None:
         return None
 
 
-def _prepare_sqlite(path: Path) -> None:
+def storage_kind(url: str) -> str:
+    """"journal", "sqlite", "postgresql", another SQLAlchemy backend's name, or "" for a malformed URL."""
+    if url.startswith("journal:"):
+        return "journal"
+    try:
+        return make_url(url).get_backend_name()
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return ""
+
+
+def artifact_dir(url: str, override: Path | None = None) -> Path:
+    """Where the weights of `best` go and where `dashboard` reads them, the same from any folder.
+
+    --artifacts, else $STL10_SEARCH_ARTIFACTS, else "artifacts" beside a SQLite or journal file, else (a
+    database server) $XDG_DATA_HOME/stl10-search/artifacts/HOST-PORT-DATABASE (~/.local/share by default).
+    """
+    if override is not None:
+        return Path(override)
+    if os.environ.get(ARTIFACTS_ENV):
+        return Path(os.environ[ARTIFACTS_ENV])
+    path = storage_file(url)
+    if path is not None:
+        return path.parent / "artifacts"
+    parsed = make_url(url)
+    host = parsed.host or parsed.query.get("host") or "localhost"
+    port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(parsed.get_backend_name(), "")
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{host}-{port}-{parsed.database or ''}")
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "stl10-search" / "artifacts" / key
+
+
+def is_transient(error: BaseException) -> bool:
+    """A database busy or briefly away ("database is locked", a lost connection), seen raw or through Optuna.
+
+    Optuna's RDBStorage raises StorageInternalError with the driver's OperationalError as its cause.
+    """
+    if isinstance(error, optuna.exceptions.StorageInternalError):
+        error = error.__cause__
+    if not isinstance(error, sqlalchemy.exc.OperationalError):
+        return False
+    message = str(error).lower()
+    return error.connection_invalidated or any(text in message for text in _TRANSIENT_MESSAGES)
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """Optuna's storage for one URL, each call run again while the database is busy or away, up to a bound.
+
+    One locked moment of SQLite or one restart of PostgreSQL must not fail a trial that trained for an hour,
+    and a retry at every call site is a retry forgotten at some: so the storage retries, with exponential
+    backoff for up to `retry_seconds`, then raises the error. It also tells callers what lies behind it:
+    `kind`, `storage_file` (SQLite and journal) and `engine` (RDB storages, for PostgreSQL advisory locks).
+    """
+
+    def __init__(self, inner: BaseStorage, url: str, *, rdb: RDBStorage | None = None,
+                 retry_seconds: float = RETRY_SECONDS) -> None:
+        self.inner, self.retry_seconds = inner, retry_seconds  # the URL itself is not kept: it may hold a password
+        self.kind = storage_kind(url)
+        self.storage_file = storage_file(url)
+        self.engine: sqlalchemy.engine.Engine | None = rdb.engine if rdb is not None else None
+
+    def _retry(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return operation(*args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as error:
+                if not is_transient(error) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: workers that collided do not collide again
+            delay = min(delay * 2, 5.0)
+
+    # Heartbeats: a journal file has none (so its trials are guarded by `exclusive_worker` instead).
+    def record_heartbeat(self, trial_id: int) -> None:
+        if isinstance(self.inner, BaseHeartbeat):
+            self._retry(self.inner.record_heartbeat, trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        if isinstance(self.inner, BaseHeartbeat):
+            return self._retry(self.inner._get_stale_trial_ids, study_id)
+        return []
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.inner.get_heartbeat_interval() if isinstance(self.inner, BaseHeartbeat) else None
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.inner.get_heartbeat_stale_trial_callback() if isinstance(self.inner, BaseHeartbeat) else None
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(getattr(self.inner, name), *args, **kwargs)
+
+    method.__name__, method.__qualname__ = name, f"RetryingStorage.{name}"
+    method.__doc__ = getattr(BaseStorage, name).__doc__
+    return method
+
+
+# Every public method of BaseStorage, from create_new_study to check_trial_is_updatable, goes to the inner storage.
+for _name in [n for n, value in vars(BaseStorage).items() if callable(value) and not n.startswith("_")]:
+    setattr(RetryingStorage, _name, _retried(_name))
+abc.update_abstractmethods(RetryingStorage)
+
+
+def _prepare_sqlite(path: Path, busy_timeout: float) -> None:
     """WAL lets readers and one writer work at once; it is a property of the file, set once."""
-    if path.parent and not path.parent.exists():
-        raise UserError(f"folder {path.parent} for the SQLite storage does not exist")
-    with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as connection:
+    with contextlib.closing(sqlite3.connect(path, timeout=busy_timeout)) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    try:
+        with FileLock(str(path), timeout=timeout):
+            yield
+    except Timeout:
+        raise UserError(f"another process held {path} for over {timeout:.0f}s while {what}; "
+                        "if none is running, delete that file") from None
+
+
+@contextlib.contextmanager
+def _postgres_creation_lock(url: str, connect_args: dict[str, Any]) -> Iterator[None]:
+    """Optuna's CREATE TABLEs from two processes at once collide in pg_type; one process creates at a time."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": CREATION_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": CREATION_LOCK_KEY})
+                connection.commit()
+    finally:
+        engine.dispose()
 
 
 def open_storage(
@@ -74,47 +244,62 @@ def open_storage(
     *,
     heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
     grace_period: int = GRACE_PERIOD_S,
-) -> optuna.storages.BaseStorage:
+    busy_timeout: float = SQLITE_BUSY_TIMEOUT_S,
+    retry_seconds: float = RETRY_SECONDS,
+) -> RetryingStorage:
     """Storage for `url`: "sqlite:///studies.db", "postgresql://user:pw@host/db", "journal:PATH".
 
-    A malformed URL, a missing driver or an unreachable database is a UserError naming the (redacted) URL.
+    Many processes may open a storage that does not exist yet at the same moment (a launcher's workers, a
+    SLURM array): creating it is serialized by a lock file beside a SQLite or journal file, and by an
+    advisory lock on PostgreSQL. A malformed URL, a missing driver or an unreachable database is a UserError
+    naming the (redacted) URL. `busy_timeout` is how long SQLite waits for another writer per statement.
     """
     path = journal_path(url)
     if path is not None:
         if not path.parent.exists():
             raise UserError(f"folder {path.parent} for the journal storage does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+        with _file_lock(Path(f"{path}.open.lock"), LOCK_TIMEOUT_S, "opening the journal"):
+            journal = JournalStorage(JournalFileBackend(str(path)))
+        return RetryingStorage(journal, url, retry_seconds=retry_seconds)
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise UserError(f"malformed storage URL {redact(url)!r}; expected e.g. {DEFAULT_STORAGE}, "
                         "postgresql://user:password@host/db or journal:PATH") from None
+    backend = parsed.get_backend_name()
+    db_path = sqlite_path(url)
     engine_kwargs: dict = {"pool_pre_ping": True}
-    if parsed.get_backend_name() == "sqlite":
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-        db_path = sqlite_path(url)
+    creation_lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if backend == "sqlite":
+        engine_kwargs = {"connect_args": {"timeout": busy_timeout}}
         if db_path is not None:
-            _prepare_sqlite(db_path)
-    elif parsed.get_backend_name().startswith("postgresql"):
+            if db_path.parent and not db_path.parent.exists():
+                raise UserError(f"folder {db_path.parent} for the SQLite storage does not exist")
+            creation_lock = _file_lock(Path(f"{db_path}.open.lock"), LOCK_TIMEOUT_S, "creating the storage")
+    elif backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        creation_lock = _postgres_creation_lock(url, engine_kwargs["connect_args"])
     try:
-        storage = RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-        )
+        with creation_lock:
+            if db_path is not None:
+                _prepare_sqlite(db_path, busy_timeout)
+            rdb = RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            )
     except (sqlalchemy.exc.NoSuchModuleError, ModuleNotFoundError, ImportError) as error:
         raise UserError(f"no database driver for {redact(url)} ({error}); for PostgreSQL: "
                         "pip install 'stl10-search[postgres]'") from None
-    except sqlalchemy.exc.SQLAlchemyError as error:
+    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as error:
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
-    if parsed.get_backend_name() == "sqlite":
-        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
-        storage.engine.dispose()  # connections made so far lack the pragma
-    return storage
+    if backend == "sqlite":
+        sqlalchemy.event.listen(rdb.engine, "connect", _sqlite_pragmas)
+        rdb.engine.dispose()  # connections made so far lack the pragma
+    return RetryingStorage(optuna.storages.get_storage(rdb), url, rdb=rdb, retry_seconds=retry_seconds)
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -122,37 +307,18 @@ def _sqlite_pragmas(connection, _record) -> None:
     connection.execute("PRAGMA synchronous=NORMAL")
 
 
-def is_locked_error(error: BaseException) -> bool:
-    return isinstance(error, sqlalchemy.exc.OperationalError) and "locked" in str(error).lower()
-
-
-def with_retries(operation: Callable[[], T], attempts: int = 8) -> T:
-    """Run a storage operation again when SQLite says "database is locked" despite the busy timeout."""
-    for attempt in range(attempts):
-        try:
-            return operation()
-        except sqlalchemy.exc.OperationalError as error:
-            if not is_locked_error(error) or attempt == attempts - 1:
-                raise
-            time.sleep(min(0.05 * 2**attempt, 2.0))
-    raise AssertionError("unreachable")
-
-
 @contextlib.contextmanager
-def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) -> Iterator[None]:
-    """A lock across processes (and hosts, for PostgreSQL) around "count trials, then start one".
+def budget_lock(storage: RetryingStorage, name: str) -> Iterator[None]:
+    """A lock across processes (and hosts, for PostgreSQL) around "count trials, then start one" in study `name`.
 
     Without it two workers can both see one free slot and both start a trial, and the budget overshoots.
     """
-    lock_file = storage_file(url)
-    if lock_file is not None:
-        from filelock import FileLock
-
-        with FileLock(str(lock_file) + f".{study_name}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
+    if storage.storage_file is not None:
+        with _file_lock(Path(f"{storage.storage_file}.{name}.lock"), LOCK_TIMEOUT_S, "starting a trial"):
             yield
         return
-    if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql":
-        key = int(hashlib.sha1(study_name.encode()).hexdigest()[:15], 16)
+    if storage.kind == "postgresql" and storage.engine is not None:
+        key = int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)
         with storage.engine.connect() as connection:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
             try:
@@ -162,3 +328,49 @@ def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str)
                 connection.commit()
         return
     yield  # other databases: best effort, the budget may overshoot by up to one trial per worker
+
+
+@contextlib.contextmanager
+def exclusive_worker(storage: BaseStorage, study_names: Iterable[str]) -> Iterator[None]:
+    """For a journal file: hold its worker lock for this worker's life, and queue again what a dead one left.
+
+    A journal has no heartbeats, so the trial of a killed worker would stay RUNNING and hold a slot of the
+    budget forever. One worker at a time makes every RUNNING trial found on taking the lock such a trial: it
+    is failed and a WAITING copy queued, as the heartbeat of an RDB storage does. The OS releases the lock
+    of a process that dies. Other storages: nothing to do.
+    """
+    if not isinstance(storage, RetryingStorage) or storage.kind != "journal":
+        yield
+        return
+    lock = FileLock(f"{storage.storage_file}.worker.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"journal storage takes one worker at a time, and another worker is using "
+                        f"{storage.storage_file}; for parallel workers use SQLite (sqlite:///FILE, one machine) "
+                        "or PostgreSQL") from None
+    try:
+        for name in study_names:
+            requeue_orphaned_trials(storage, name)
+        yield
+    finally:
+        lock.release()
+
+
+def requeue_orphaned_trials(storage: BaseStorage, study_name: str) -> list[int]:
+    """Fail every RUNNING trial of the study and queue a copy (same params, user attrs, failed_trial).
+
+    Only for a caller that knows no worker is alive (see exclusive_worker). Returns the failed trial numbers.
+    """
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return []
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+    failed = []
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+            failed.append(trial.number)
+    return failed

@@ -194,7 +194,6 @@ def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
 
 def work(
     storage: optuna.storages.BaseStorage,
-    url: str,
     study_names: list[str],
     device: torch.device,
     stop: threading.Event,
@@ -223,7 +222,7 @@ def work(
                 study.set_user_attr(ENDED_ATTR, "time budget reached")
                 log(f"[{name}] time budget reached; no new trial starts")
                 break
-            with budget_lock(storage, url, name):
+            with budget_lock(storage, name):
                 counts = count_trials(storage, study)
                 full = budget is not None and counts.finished >= budget
                 trial = study.ask() if not full and (budget is None or counts.committed < budget) else None

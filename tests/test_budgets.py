@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 def _work(tiny_search, url: str) -> tuple[dict, list[str]]:
     lines: list[str] = []
-    done = work(open_storage(url), url, ["logreg"], CPU, threading.Event(),
+    done = work(open_storage(url), ["logreg"], CPU, threading.Event(),
                 data_overrides={"cache_dir": tiny_search.cache_dir}, log=lines.append)
     return done, lines
 

@@ -133,7 +133,7 @@ def test_a_worker_on_the_device_runs_trials_of_two_batch_sizes(tiny_search, devi
     url = tiny_search.sqlite_url
     tiny_search.create(url, 4, "--param", "batch_size=8,16", "--param", "lr=0.01", "--param", "optimizer=adam",
                        "--param", "epochs=4", "--pruner", "none")
-    done = work(open_storage(url), url, ["logreg"], device, threading.Event(),
+    done = work(open_storage(url), ["logreg"], device, threading.Event(),
                 data_overrides={"cache_dir": tiny_search.cache_dir}, log=lambda line: None)
     assert done == {"logreg": 4}
     trials = tiny_search.trials(url)

@@ -1,4 +1,4 @@
-"""`stl10-search dashboard`: serves the storage's studies over optuna-dashboard's HTTP API, on loopback."""
+"""`stl10-search dashboard`: serves the storage's studies over optuna-dashboard's HTTP API, on loopback unless told."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import pytest
+
+from search.dashboard import check_host
+from search.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60  # importing torch on a busy CI machine can take a while
@@ -65,3 +69,26 @@ def test_dashboard_serves_studies_and_artifacts(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.1.1"])
+def test_loopback_hosts_need_no_flag(host: str) -> None:
+    assert check_host(host, allow_remote=False) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.10", "myhost.example.org"])
+def test_a_host_beyond_this_machine_needs_allow_remote_and_then_warns(host: str) -> None:
+    with pytest.raises(UserError, match="--allow-remote"):
+        check_host(host, allow_remote=False)
+    assert "without a login" in check_host(host, allow_remote=True)
+
+
+def test_dashboard_on_all_interfaces_is_refused_before_anything_is_served(tmp_path: Path, capsys) -> None:
+    from search.cli import main
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    assert main(["dashboard", "--host", "0.0.0.0", "--port", str(free_port()), "--storage", url]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("stl10-search: error: --host 0.0.0.0") and "--allow-remote" in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert not (tmp_path / "studies.db").exists()

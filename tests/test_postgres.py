@@ -78,12 +78,12 @@ def test_budget_lock_admits_one_holder_at_a_time(storage_url: str, prefix: str) 
 
     def second() -> None:
         first_holds.wait()
-        with budget_lock(open_storage(storage_url), storage_url, name):
+        with budget_lock(open_storage(storage_url), name):
             events.append("second")
 
     thread = threading.Thread(target=second)
     thread.start()
-    with budget_lock(open_storage(storage_url), storage_url, name):
+    with budget_lock(open_storage(storage_url), name):
         first_holds.set()
         time.sleep(0.5)
         events.append("first")

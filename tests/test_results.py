@@ -35,7 +35,7 @@ def searched(tiny_imagefolder: Path, tmp_path_factory: pytest.TempPathFactory) -
                  "--dataset", "imagefolder", "--data-root", str(tiny_imagefolder), "--image-size", "16",
                  "--param", "epochs=2", "--enqueue-reference", "--storage", url, "--cache-dir", str(cache)])
     assert code == 0
-    done = work(open_storage(url), url, ["logreg"], torch.device("cpu"), threading.Event(),
+    done = work(open_storage(url), ["logreg"], torch.device("cpu"), threading.Event(),
                 data_overrides={"cache_dir": cache}, log=lambda message: None)
     assert done == {"logreg": 3}
     return {"folder": folder, "url": url, "cache": str(cache)}

@@ -32,7 +32,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def _work(tiny_search, url: str, stop: threading.Event | None = None) -> tuple[dict[str, int], list[str]]:
     lines: list[str] = []
-    done = work(open_storage(url), url, ["logreg"], CPU, stop or threading.Event(),
+    done = work(open_storage(url), ["logreg"], CPU, stop or threading.Event(),
                 data_overrides={"cache_dir": tiny_search.cache_dir}, log=lines.append)
     return done, lines
 

@@ -172,7 +172,9 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifacts", type=Path, help="weights folder (default: artifacts/ beside a SQLite file)")
+    parser.add_argument("--artifacts", type=Path,
+                        help="weights folder (default: $STL10_SEARCH_ARTIFACTS, else artifacts/ beside a SQLite or "
+                             "journal file, else ~/.local/share/stl10-search/artifacts/HOST-PORT-DB for a server)")
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import optuna
 
-from search.best import artifact_dir, artifact_store, best_trial, format_result, retrain_and_test, stored_result
+from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
 from search.commands.options import host_data_overrides, models, storage_url
 from search.errors import USER_ERRORS, UserError
 from search.pipeline import resolve_device
-from search.storage import open_storage, redact, storage_file
+from search.storage import artifact_dir, open_storage, redact, storage_file
 from search.studies import existing_study_names, load_stored_families, study_name
 
 
@@ -113,9 +113,12 @@ def report(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: 
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    from search.dashboard import serve
+    from search.dashboard import check_host, serve
 
+    warning = check_host(args.host, args.allow_remote)
     storage, url = open_existing(args)
+    if warning:
+        _log(warning)
     folder = artifact_dir(url, args.artifacts)
     _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) on http://{args.host}:{args.port}/ ; Ctrl-C stops")
     try:

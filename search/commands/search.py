@@ -18,10 +18,10 @@ from search.commands.options import (data_config, data_given, host_data_override
                                      storage_url)
 from search.errors import UserError
 from search.family import Family, get_family
-from search.launcher import plan_workers, start_workers, summary_table, supervise
+from search.launcher import check_worker_count, plan_workers, start_workers, summary_table, supervise, watch_launcher
 from search.pipeline import data_identity, load_parts, resolve_device
 from search.space import load_space_file
-from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, redact, storage_file
+from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
 from search.studies import (DATA_ATTR, ENDED_ATTR, PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields,
                             existing_study_names, load_settings, set_deadlines, study_name)
 from search.warmstart import warm_start
@@ -191,6 +191,7 @@ def run_search(args: argparse.Namespace) -> int:
     validate_common(args)
     spaces = space_overrides(args, names)
     slots = plan_workers(args.gpus, args.workers_per_gpu, args.workers)
+    check_worker_count(storage_url(args), len(slots))
     storage, url, studies = ensure_studies(args, names, spaces)
     print(f"storage {redact(url)}: studies {', '.join(s.study_name for s in studies)}", file=sys.stderr)
     on_gpu = any(s.visible_gpu for s in slots) if slots else torch.cuda.is_available()
@@ -237,7 +238,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
-    done = work(storage, url, study_names, device, stop, data_overrides=host_data_overrides(args),
-                checkpoint_dir=args.checkpoint_dir)
+    watch_launcher(stop)  # a launcher killed outright stops its workers too, their trials queued again
+    with exclusive_worker(storage, study_names):  # a journal takes one worker at a time
+        done = work(storage, study_names, device, stop, data_overrides=host_data_overrides(args),
+                    checkpoint_dir=args.checkpoint_dir)
     print("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()), flush=True)
     return 0

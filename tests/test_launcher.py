@@ -1,0 +1,192 @@
+"""search/launcher.py: its workers never outlive it unnoticed, and its progress line survives `| tee`.
+
+The "workers" here are tiny Python processes that record the signals they get in a file, started the way
+the launcher starts real ones (own session), so each test runs in a second or two.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import search.launcher
+from search.errors import UserError
+from search.launcher import LAUNCHER_PID_ENV, WorkerSlot, check_worker_count, start_workers, supervise
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A worker stand-in: says "ready", notes each SIGTERM; exits on SIGTERM unless told to ignore it.
+FAKE_WORKER = """
+import signal, sys, time
+log, on_term = sys.argv[1], sys.argv[2]
+def term(signum, frame):
+    open(log, "a").write("TERM\\n")
+    if on_term == "exit":
+        sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+open(log, "a").write("ready\\n")
+while True:
+    time.sleep(0.02)
+"""
+
+
+@pytest.fixture
+def fake_workers(tmp_path: Path):
+    """Start stand-in workers: fake_workers("exit", "ignore") -> (processes, their logs); any left are killed after."""
+    started: list[subprocess.Popen] = []
+
+    def start(*on_term: str) -> tuple[list[subprocess.Popen], list[Path]]:
+        logs = [tmp_path / f"worker-{len(started) + i}.log" for i in range(len(on_term))]
+        processes = [subprocess.Popen([sys.executable, "-c", FAKE_WORKER, str(log), mode], start_new_session=True)
+                     for log, mode in zip(logs, on_term)]
+        started.extend(processes)
+        _wait_for(lambda: all(log.is_file() and "ready" in log.read_text() for log in logs), "workers to start")
+        return processes, logs
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_for(condition, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search.launcher, "progress_line", lambda studies, storage: "logreg: 1/4 done")
+
+
+def test_progress_on_a_terminal_stderr_while_stdout_is_a_pipe(tmp_path: Path, monkeypatch, no_progress) -> None:
+    """`stl10-search search ... | tee log`: the width comes from stderr's terminal, not stdout's (a pipe)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    saved_stdout, (pipe_read, pipe_write) = os.dup(1), os.pipe()
+    terminal = open(slave, "w", closefd=False)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    os.dup2(pipe_write, 1)
+    try:
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"], start_new_session=True)
+        assert supervise([worker], [], None, interval=0.05) == 0
+    finally:
+        os.dup2(saved_stdout, 1)
+        for fd in (saved_stdout, pipe_read, pipe_write):
+            os.close(fd)
+        terminal.close()
+    shown = b""
+    while select.select([master], [], [], 0.2)[0]:
+        shown += os.read(master, 65536)
+    os.close(slave)
+    os.close(master)
+    assert "\rlogreg: 1/4 done".ljust(100).encode() in shown  # padded to the terminal's 100 columns, less one
+
+
+def test_a_failing_launcher_stops_its_workers(fake_workers, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(studies, storage) -> str:
+        raise RuntimeError("storage gone")
+
+    monkeypatch.setattr(search.launcher, "progress_line", broken)
+    processes, logs = fake_workers("exit", "ignore")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="storage gone"):
+        supervise(processes, [], None, interval=0.05, grace=1.0)
+    assert time.monotonic() - started < 10
+    assert [p.poll() for p in processes] == [0, -signal.SIGKILL]  # one stopped on SIGTERM, one killed after grace
+    assert all("TERM" in log.read_text() for log in logs)
+
+
+def test_ctrl_c_once_stops_workers_and_twice_kills_them(fake_workers, no_progress) -> None:
+    processes, logs = fake_workers("ignore", "ignore")  # each still busy with its "epoch"
+
+    def press_ctrl_c_twice() -> None:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+        _wait_for(lambda: all("TERM" in log.read_text() for log in logs), "SIGTERM to reach the workers")
+        assert all(p.poll() is None for p in processes)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c_twice)
+    presser.start()
+    interrupts = supervise(processes, [], None, interval=0.05)
+    presser.join()
+    assert interrupts == 2
+    assert [p.returncode for p in processes] == [-signal.SIGKILL, -signal.SIGKILL]
+    assert [log.read_text().count("TERM") for log in logs] == [1, 1]
+
+
+def test_the_watch_sets_stop_once_the_worker_is_orphaned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process: the launcher is this process's parent until os.getppid() says otherwise."""
+    parent = os.getppid()
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(parent))
+    stop = threading.Event()
+    watcher = search.launcher.watch_launcher(stop, interval=0.02)
+    time.sleep(0.2)
+    assert not stop.is_set()
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # adopted by init: the launcher died
+    assert stop.wait(5)
+    watcher.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_a_worker_notices_when_its_launcher_is_killed(tmp_path: Path) -> None:
+    """The launcher here is an intermediate process; its child runs watch_launcher as a worker would."""
+    worker = ("import threading\n"
+              "from search.launcher import watch_launcher\n"
+              "stop = threading.Event()\n"
+              "assert watch_launcher(stop, interval=0.05) is not None\n"
+              "print('watching', flush=True)\n"
+              "print('stopped' if stop.wait(30) else 'still running', flush=True)\n")
+    launcher = ("import os, subprocess, sys, time\n"
+                f"env = dict(os.environ, {LAUNCHER_PID_ENV}=str(os.getpid()))\n"
+                "subprocess.Popen([sys.executable, '-c', sys.argv[1]], env=env, stdout=open(sys.argv[2], 'w'))\n"
+                "time.sleep(60)\n")
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen([sys.executable, "-c", launcher, worker, str(log)], cwd=REPO_ROOT)
+    try:
+        _wait_for(lambda: log.is_file() and "watching" in log.read_text(), "the worker to watch", timeout=60)
+        time.sleep(0.3)
+        assert "stopped" not in log.read_text()  # its launcher is alive
+    finally:
+        process.kill()  # SIGKILL: the launcher cannot tell anyone
+        process.wait()
+    _wait_for(lambda: "stopped" in log.read_text(), "the worker to notice")
+
+
+def test_a_worker_started_by_hand_watches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(LAUNCHER_PID_ENV, raising=False)
+    assert search.launcher.watch_launcher(threading.Event()) is None
+
+
+def test_workers_are_told_their_launcher_and_their_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[dict] = []
+    monkeypatch.setattr(search.launcher.subprocess, "Popen", lambda command, **kwargs: started.append(kwargs["env"]))
+    url = "postgresql://u:secret@h/db"
+    start_workers([WorkerSlot("cpu", None, 1)] * 2, ["logreg"], url, [], tmp_path)
+    assert [env[LAUNCHER_PID_ENV] for env in started] == [str(os.getpid())] * 2
+    assert [env["STL10_SEARCH_STORAGE"] for env in started] == [url] * 2  # in the environment, not in `ps`
+
+
+def test_a_journal_takes_one_worker_and_the_launcher_says_so(tmp_path: Path) -> None:
+    check_worker_count(f"journal:{tmp_path / 'journal.log'}", 1)
+    check_worker_count(f"sqlite:///{tmp_path / 'studies.db'}", 8)
+    with pytest.raises(UserError, match="journal storage takes one worker at a time") as caught:
+        start_workers([WorkerSlot("cpu", None, 1)] * 2, ["logreg"], f"journal:{tmp_path / 'journal.log'}", [],
+                      tmp_path / "logs")
+    assert "SQLite" in str(caught.value) and "PostgreSQL" in str(caught.value)
+    assert not (tmp_path / "logs").exists()  # refused before any worker started
