@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 
 from search.errors import UserError
-from search.studies import count_trials, counts_of, search_seconds
+from search.studies import ENDED_ATTR, count_trials, counts_of, search_seconds
 from search.storage import storage_kind
 
 LAUNCHER_PID_ENV = "STL10_SEARCH_LAUNCHER_PID"
@@ -97,14 +97,18 @@ def progress_line(studies: list[optuna.Study], storage) -> str:
     for study in studies:
         counts = count_trials(storage, study)
         best = best_value(study)
-        parts.append(f"{study.study_name}: {counts.finished}/{budget_of(study)} done, {counts.pruned} pruned, "
+        parts.append(f"{study.study_name}: {finished_text(counts.finished, study)} done, {counts.pruned} pruned, "
                      f"{counts.failed} failed, {counts.running} running"
+                     + (f", {counts.waiting} queued" if counts.waiting else "")
+                     + (f", {counts.interrupted} interrupted" if counts.interrupted else "")
                      + (f", best {best:.1%}" if best is not None else ""))
     return " | ".join(parts)
 
 
-def budget_of(study: optuna.Study) -> int:
-    return int(study.user_attrs.get("settings", {}).get("n_trials", 0))
+def finished_text(finished: int, study: optuna.Study) -> str:
+    """"7/20" against the study's trial budget, or "7" when only a time budget ends it."""
+    budget = study.user_attrs.get("settings", {}).get("n_trials")
+    return f"{finished}/{budget}" if budget else str(finished)
 
 
 def best_value(study: optuna.Study) -> float | None:
@@ -208,15 +212,19 @@ def watch_launcher(stop: threading.Event, interval: float = 1.0) -> threading.Th
 
 
 def summary_table(studies: list[optuna.Study], storage) -> str:
-    rows = [("study", "finished", "complete", "pruned", "failed", "best val acc", "best trial", "search time")]
+    """Per study what its trials became, the best, and why the search ended. Failed is for settings that could
+    not run; interrupted trials (Ctrl-C, a worker that died) were queued again and count apart."""
+    rows = [("study", "finished", "complete", "pruned", "failed", "interrupted", "queued", "best val acc",
+             "best trial", "search time", "ended")]
     for study in studies:
         trials = study.get_trials(deepcopy=False)
         counts, span = counts_of(trials), search_seconds(trials)
         best = best_value(study)
         best_number = study.best_trial.number if best is not None else None
-        rows.append((study.study_name, f"{counts.finished}/{budget_of(study)}", str(counts.complete),
-                     str(counts.pruned), str(counts.failed), f"{best:.2%}" if best is not None else "-",
-                     f"#{best_number}" if best_number is not None else "-", f"{span / 60:.1f} min"))
+        rows.append((study.study_name, finished_text(counts.finished, study), str(counts.complete),
+                     str(counts.pruned), str(counts.failed), str(counts.interrupted), str(counts.waiting),
+                     f"{best:.2%}" if best is not None else "-", f"#{best_number}" if best_number is not None else "-",
+                     f"{span / 60:.1f} min", study.user_attrs.get(ENDED_ATTR) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join("  ".join(cell.ljust(w) if i in (0, len(r) - 1) else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)

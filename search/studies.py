@@ -248,6 +248,13 @@ def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
     return numbers  # type: ignore[return-value]
 
 
+def state_name(trial: FrozenTrial, requeued: set[int]) -> str:
+    """"complete", "pruned", "failed", "interrupted" (failed, then queued again), "running" or "waiting"."""
+    if trial.state == TrialState.FAIL and trial.number in requeued:
+        return "interrupted"
+    return "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
+
+
 def count_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> Counts:
     """Trials per state, read from the storage itself (not a worker's cache) in one query."""
     study_id = storage.get_study_id_from_name(study.study_name)

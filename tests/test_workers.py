@@ -160,6 +160,16 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
     assert queued.user_attrs["seed"] == interrupted.user_attrs["seed"]
     assert queued.user_attrs["retry_of"] == interrupted.number
     assert any("interrupted after epoch 1" in line for line in lines)
+    from search.launcher import summary_table
+    from search.studies import counts_of
+
+    counts = counts_of([interrupted, queued])
+    assert (counts.failed, counts.interrupted, counts.waiting) == (0, 1, 1)  # a Ctrl-C is no failed setting
+    study = optuna.load_study(study_name="logreg", storage=open_storage(url))
+    header, row = summary_table([study], study._storage).splitlines()
+    assert dict(zip(header.split()[:7], row.split()[:7])) == {
+        "study": "logreg", "finished": "0/2", "complete": "0", "pruned": "0", "failed": "0", "interrupted": "1",
+        "queued": "1"}
 
     monkeypatch.setattr(search.worker, "run_trial", run_trial)
     done, _ = _work(tiny_search, url)  # the next worker runs the queued copy first, then the rest of the budget

@@ -18,7 +18,7 @@ import optuna
 
 from data import DataError, load_images
 from search.errors import UserError
-from search.studies import trial_params
+from search.studies import state_name, trial_params
 from search.report.collect import StudyReport, collect, trial_reason, trial_seconds
 from search.report.html import render_html
 from search.report.markdown import render_markdown
@@ -60,7 +60,7 @@ def _trial_record(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[
         "study": report.name,
         "model": report.settings.family,
         "number": trial.number,
-        "state": trial.state.name.lower(),
+        "state": state_name(trial, report.requeued),
         "val_accuracy": trial.value,
         "best_epoch": trial.user_attrs.get("best_epoch"),
         "seconds": trial_seconds(trial),
@@ -92,7 +92,8 @@ def report_json(reports: list[StudyReport], header: list[str]) -> dict[str, Any]
             "study": r.name, "model": r.settings.family, "title": r.title,
             "settings": r.study.user_attrs.get("settings"),
             "finished": r.counts.finished, "complete": r.counts.complete, "pruned": r.counts.pruned,
-            "failed": r.counts.failed, "search_seconds": r.search_seconds,
+            "failed": r.counts.failed, "interrupted": r.counts.interrupted, "waiting": r.counts.waiting,
+            "search_seconds": r.search_seconds, "ended": r.study.user_attrs.get("ended"),
             "best_trial": r.best.number if r.best else None, "best_val_accuracy": r.best.value if r.best else None,
             "best_result": r.result, "reference": r.reference,
             "reference_trial": r.reference_trial.number if r.reference_trial else None,

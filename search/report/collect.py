@@ -14,7 +14,7 @@ from search.best import BEST_ATTR
 from search.errors import UserError
 from search.family import families, get_family
 from search.studies import (SETTINGS_ATTR, Counts, StudySettings, best_trial, counts_of, existing_study_names,
-                            load_settings, load_stored_families, search_seconds)
+                            load_settings, load_stored_families, requeued_numbers, search_seconds)
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -37,6 +37,11 @@ class StudyReport:
     @property
     def name(self) -> str:
         return self.study.study_name
+
+    @property
+    def requeued(self) -> set[int]:
+        """Numbers of the trials that were interrupted and queued again."""
+        return requeued_numbers(self.trials)
 
     @property
     def title(self) -> str:

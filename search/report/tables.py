@@ -6,7 +6,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search.studies import trial_params
+from search.studies import state_name, trial_params
 from search.report.collect import StudyReport, trial_reason, trial_seconds
 
 Table = tuple[list[str], list[list[str]]]  # headers, rows
@@ -44,7 +44,7 @@ def summary_table(reports: list[StudyReport]) -> Table:
     with_reference = any(r.reference for r in reports)
     with_hand_found = any(r.reference_trial for r in reports)
     headers = ["model", "study", "best val acc", "test acc", "test loss", "trainable params",
-               "finished", "pruned", "failed", "search time"]
+               "finished", "pruned", "failed", "interrupted", "queued", "search time"]
     if with_hand_found:
         headers += ["hand-found setting val acc"]
     if with_reference:
@@ -54,7 +54,8 @@ def summary_table(reports: list[StudyReport]) -> Table:
         result = r.result or {}
         row = [r.title, r.name, percent(r.best.value if r.best else None), percent(result.get("test_accuracy")),
                number(result.get("test_loss")), count_text(r.parameters),
-               f"{r.counts.finished}/{r.settings.n_trials}", str(r.counts.pruned), str(r.counts.failed),
+               f"{r.counts.finished}/{r.settings.n_trials}" if r.settings.n_trials else str(r.counts.finished),
+               str(r.counts.pruned), str(r.counts.failed), str(r.counts.interrupted), str(r.counts.waiting),
                duration(r.search_seconds)]
         if with_hand_found:
             row += [_trial_outcome(r.reference_trial)]
@@ -152,10 +153,11 @@ def per_class_table(report: StudyReport) -> Table:
 def trials_table(report: StudyReport) -> Table:
     """Every trial with its state and why it ended, so diverged, pruned and failed runs stay visible."""
     rows = []
+    requeued = report.requeued
     for t in report.trials:
         searched = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(t.params.items()))
         number = f"{t.number} (hand-found)" if t.user_attrs.get("reference") else str(t.number)
-        rows.append([number, t.state.name.lower(), percent(t.value) if t.value is not None else "-",
+        rows.append([number, state_name(t, requeued), percent(t.value) if t.value is not None else "-",
                      str(t.user_attrs.get("best_epoch", "-")), duration(trial_seconds(t)), trial_reason(t) or "-",
                      searched])
     return ["#", "state", "val acc", "best epoch", "time", "reason", "params"], rows
