@@ -47,16 +47,18 @@ class Fit:
         return evaluate(self.trained, self.source.eval_batches(part), make_loss(self.params), device)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Checkpoint:
     """Where a run's last epoch is saved, and what made the run.
 
     `identity` (study, trial, params, seed, data) is saved with the weights and compared on load: a file
-    made by another study, trial, setting or dataset is never resumed from, only deleted.
+    made by another study, trial, setting or dataset is never resumed from, only deleted. After a run,
+    `restored_epochs` says how many of its epochs came from the file.
     """
 
     path: Path
     identity: dict[str, Any]
+    restored_epochs: int = 0
 
     def load(self, device: torch.device) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -157,6 +159,7 @@ def run_trial(
             if restored.get("source") is not None:
                 source.load_state_dict(restored["source"])
             history = [EpochMetrics(**row) for row in restored["history"]]
+            checkpoint.restored_epochs = len(history)
             for metrics in history:
                 if on_epoch is not None:
                     on_epoch(metrics)

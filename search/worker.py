@@ -158,8 +158,13 @@ class StudyWork:
                 raise StopRequested(metrics.epoch)
 
         parts = self.parts(self.family.size_for(params, self.config.image_size))
-        run_trial(self.family, params, parts, self.config, self.device, seed, on_epoch=on_epoch, on_start=on_start,
-                  checkpoint=self.checkpoint(first_number, params, seed))
+        checkpoint = self.checkpoint(first_number, params, seed)
+        try:
+            run_trial(self.family, params, parts, self.config, self.device, seed, on_epoch=on_epoch,
+                      on_start=on_start, checkpoint=checkpoint)
+        finally:
+            if checkpoint is not None and checkpoint.restored_epochs:
+                trial.set_user_attr("resumed_after_epoch", checkpoint.restored_epochs)
         best = max(history, key=lambda h: h["val_accuracy"])
         trial.set_user_attr("best_epoch", int(best["epoch"]))
         return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"completed {epochs} epochs; best at epoch "

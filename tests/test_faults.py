@@ -145,3 +145,173 @@ def test_exclusive_worker_leaves_rdb_storages_alone(tmp_path: Path) -> None:
     study.ask()  # an RDB storage's heartbeat decides when a RUNNING trial is dead, not a lock
     with exclusive_worker(open_storage(url), ["s"]), exclusive_worker(open_storage(url), ["s"]):
         assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+# --- a worker's faults, per storage kind ---------------------------------------------------------------------
+# Each search is logreg on the tiny ImageFolder at 16px (`tiny_search`); the signalled ones get 300-epoch trials,
+# so the signal lands in the middle of a trial. PostgreSQL runs where .ci/postgres.sh started a server.
+
+STORAGE_KINDS = ["sqlite", "journal", pytest.param("postgresql", marks=pytest.mark.postgres)]
+HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.fixture
+def kind_url(request, tiny_search) -> tuple[str, str]:
+    """(url, study prefix) of a fresh storage of the parametrized kind; each PostgreSQL test gets its own prefix."""
+    kind = request.param
+    if kind == "sqlite":
+        return tiny_search.sqlite_url, ""
+    if kind == "journal":
+        return f"journal:{tiny_search.folder / 'journal.log'}", ""
+    if not os.environ.get(POSTGRES_ENV):
+        pytest.skip(f"{POSTGRES_ENV} is not set (.ci/postgres.sh starts a server)")
+    return os.environ[POSTGRES_ENV], f"t{uuid.uuid4().hex[:8]}-"
+
+
+def _mid_trial(study: optuna.Study, epochs: int = 1) -> optuna.trial.FrozenTrial | None:
+    running = [t for t in study.get_trials(deepcopy=False)
+               if t.state == TrialState.RUNNING and len(t.intermediate_values) >= epochs]
+    return running[0] if running else None
+
+
+def _wait(condition, what: str, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _finish(tiny_search, process, name: str, timeout: float = 240) -> str:
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{name} did not exit:\n{tiny_search.output(name)[-3000:]}")
+    assert code == 0, tiny_search.output(name)[-3000:]
+    return tiny_search.output(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind_url", STORAGE_KINDS, indirect=True)
+def test_a_killed_worker_s_trial_is_run_again_and_the_budget_stays_exact(tiny_search, kind_url) -> None:
+    """SQLite and PostgreSQL: the heartbeat of another worker notices; journal: the next worker to take its lock."""
+    url, prefix = kind_url
+    tiny_search.create(url, 2, "--param", "epochs=300", "--pruner", "none", "--study-prefix", prefix)
+    study = optuna.load_study(study_name=f"{prefix}logreg", storage=open_storage(url))
+    doomed = tiny_search.start_worker(url, *HEARTBEAT, "--study-prefix", prefix, name="doomed")
+    _wait(lambda: _mid_trial(study) is not None or doomed.poll() is not None, "a trial in the middle of its epochs")
+    victim = _mid_trial(study)
+    assert victim is not None, tiny_search.output("doomed")
+    doomed.kill()
+    doomed.wait()
+
+    _finish(tiny_search, tiny_search.start_worker(url, *HEARTBEAT, "--study-prefix", prefix, name="rescuer"),
+            "rescuer")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [victim.number]
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.state in FINISHED
+    assert retry.params == victim.params and retry.user_attrs["seed"] == victim.user_attrs["seed"]
+    assert sum(t.state in FINISHED for t in trials) == 2
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["no-checkpoints", "checkpoints"])
+@pytest.mark.parametrize("kind_url", STORAGE_KINDS, indirect=True)
+def test_ctrl_c_mid_trial_queues_it_again_and_a_checkpoint_resumes_it(tiny_search, kind_url, checkpoints) -> None:
+    import signal
+
+    url, prefix = kind_url
+    tiny_search.create(url, 1, "--param", "epochs=300", "--pruner", "none", "--study-prefix", prefix)
+    study = optuna.load_study(study_name=f"{prefix}logreg", storage=open_storage(url))
+    extra = ["--study-prefix", prefix, *(["--checkpoint-dir", str(tiny_search.folder / "ckpt")] if checkpoints else [])]
+    worker = tiny_search.start_worker(url, *extra, name="first")
+    _wait(lambda: _mid_trial(study, epochs=3) is not None or worker.poll() is not None, "three epochs of a trial")
+    worker.send_signal(signal.SIGINT)
+    output = _finish(tiny_search, worker, "first", timeout=60)
+    assert "SIGINT received" in output and "worker finished: logreg 0 trial(s)" in output.replace(prefix, "")
+    interrupted, queued = study.get_trials(deepcopy=False)
+    assert interrupted.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert interrupted.user_attrs["reason"].startswith("interrupted after epoch")
+    done_before = len(interrupted.user_attrs["history"])
+    assert (tiny_search.folder / "ckpt").exists() == checkpoints
+
+    _finish(tiny_search, tiny_search.start_worker(url, *extra, name="second"), "second")
+    rerun = study.get_trials(deepcopy=False)[1]
+    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["seed"] == interrupted.user_attrs["seed"]
+    history = rerun.user_attrs["history"]
+    assert [row["epoch"] for row in history] == list(range(1, 301))
+    if checkpoints:
+        assert rerun.user_attrs["resumed_after_epoch"] == done_before
+        assert history[:done_before] == interrupted.user_attrs["history"]  # the same epochs, not trained again
+        assert not list((tiny_search.folder / "ckpt").rglob("*.pt"))  # deleted once the trial finished
+    else:
+        assert "resumed_after_epoch" not in rerun.user_attrs
+
+
+def _copy_of(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "data"))
+
+
+@pytest.mark.parametrize("change", ["rename a class", "add a class", "remove images"])
+def test_a_dataset_changed_between_search_and_best_is_refused_in_one_line(tiny_search, tmp_path: Path, change: str,
+                                                                         capsys) -> None:
+    import shutil
+    import threading
+
+    import torch
+
+    from search.cli import main
+    from search.worker import work
+
+    data = _copy_of(tiny_search.data_root, tmp_path)
+    tiny_search.data_root = data
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 1)
+    work(open_storage(url), ["logreg"], torch.device("cpu"), threading.Event(),
+         data_overrides={"cache_dir": tiny_search.cache_dir}, log=lambda line: None)
+    for part in ("train", "test"):
+        if change == "rename a class":
+            (data / part / "circle").rename(data / part / "ring")
+        elif change == "add a class":
+            shutil.copytree(data / part / "cross", data / part / "plus")
+        else:
+            for image in sorted((data / part / "cross").iterdir())[:2]:
+                image.unlink()
+    capsys.readouterr()
+    code = main(["best", "--model", "logreg", "--storage", url, "--cache-dir", str(tiny_search.cache_dir)])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("stl10-search: error: the dataset") and "changed since the study" in last
+    assert "Traceback" not in err
+
+
+def test_corrupt_and_unwritable_caches_cost_time_not_trials(tiny_search, tmp_path: Path, caplog) -> None:
+    import threading
+
+    import torch
+
+    from search.worker import work
+
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 1, "--study-prefix", "corrupt-")
+    tiny_search.create(url, 1, "--study-prefix", "blocked-")
+    corrupted = list(tiny_search.cache_dir.glob("*.pt"))  # the decoded images the searches stored
+    for cached in corrupted:
+        cached.write_bytes(b"garbage, as a crash mid-write or a full disk leaves it")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    for study, cache_dir in (("corrupt-logreg", tiny_search.cache_dir), ("blocked-logreg", blocked / "cache")):
+        done = work(open_storage(url), [study], torch.device("cpu"), threading.Event(),
+                    data_overrides={"cache_dir": cache_dir}, log=lambda line: None)
+        assert done == {study: 1}
+        (trial,) = tiny_search.trials(url, study)
+        assert trial.state in FINISHED
+    assert corrupted and "rebuilding" in caplog.text.lower()
+    assert "pass a writable --cache-dir" in caplog.text
