@@ -224,17 +224,24 @@ def _file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _advisory_lock(engine: sqlalchemy.engine.Engine, key: int) -> Iterator[None]:
+    """A PostgreSQL advisory lock, held on its own connection: one holder at a time across every host."""
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            connection.commit()
+
+
+@contextlib.contextmanager
 def _postgres_creation_lock(url: str, connect_args: dict[str, Any]) -> Iterator[None]:
     """Optuna's CREATE TABLEs from two processes at once collide in pg_type; one process creates at a time."""
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
     try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": CREATION_LOCK_KEY})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": CREATION_LOCK_KEY})
-                connection.commit()
+        with _advisory_lock(engine, CREATION_LOCK_KEY):
+            yield
     finally:
         engine.dispose()
 
@@ -318,14 +325,8 @@ def budget_lock(storage: RetryingStorage, name: str) -> Iterator[None]:
             yield
         return
     if storage.kind == "postgresql" and storage.engine is not None:
-        key = int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)
-        with storage.engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                connection.commit()
+        with _advisory_lock(storage.engine, int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)):
+            yield
         return
     yield  # other databases: best effort, the budget may overshoot by up to one trial per worker
 

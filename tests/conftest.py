@@ -139,3 +139,20 @@ def tiny_search(tiny_imagefolder: Path, tmp_path: Path):
     search = TinySearch(tiny_imagefolder, tmp_path)
     yield search
     search.stop_all()
+
+
+@pytest.fixture
+def feature_computations(monkeypatch: pytest.MonkeyPatch) -> list:
+    """An empty in-process feature cache, and a list that grows by one per backbone pass over a set of images."""
+    import search.features
+
+    monkeypatch.setattr(search.features, "_MEMORY", {})
+    calls: list = []
+    compute = search.features.compute_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(search.features, "compute_features", counting)
+    return calls

@@ -100,17 +100,9 @@ def test_two_workers_on_one_gpu_share_the_budget_exactly_and_best_tests_on_it(ti
     assert 0 < result["latency_ms"]["batch_256"] <= result["latency_ms"]["batch_1"]
 
 
-def test_frozen_backbone_features_are_computed_once_on_the_device_and_then_read(tiny_config, device,
-                                                                                monkeypatch) -> None:
-    monkeypatch.setattr(search.features, "_MEMORY", {})
-    calls: list[int] = []
-    compute = search.features.compute_features
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(search.features, "compute_features", counting)
+def test_frozen_backbone_features_are_computed_once_on_the_device_and_then_read(tiny_config, device, monkeypatch,
+                                                                                feature_computations) -> None:
+    calls = feature_computations
     family = get_family("mobilenet_frozen")
     params = family.resolve({"fc1": 32, "fc2": 16, "feature_views": 2, "epochs": 3, "batch_size": 16, "lr": 3e-3,
                              "image_size": 32})

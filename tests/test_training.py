@@ -336,18 +336,11 @@ def test_training_views_are_augmented_and_cycle_by_epoch(tiny_config, fresh_feat
 
 
 def test_second_feature_source_reads_the_cache_instead_of_the_backbone(
-    tiny_config, fresh_feature_memory, monkeypatch: pytest.MonkeyPatch
+    tiny_config, feature_computations, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parts = load_parts(tiny_config, 32)
     backbone = _frozen_mobilenet().backbone
-    calls: list[int] = []
-    compute = search.features.compute_features
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return compute(*args, **kwargs)
-
-    monkeypatch.setattr(search.features, "compute_features", counting)
+    calls = feature_computations
 
     def build() -> FeatureBatches:
         return FeatureBatches(backbone, parts, 8, 2, Augmentation(0.5, 8.0), CPU, 0, tiny_config.cache_dir)

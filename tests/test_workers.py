@@ -290,32 +290,6 @@ HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "3")
 
 
 @pytest.mark.slow
-def test_trial_of_a_killed_worker_is_failed_by_heartbeat_and_run_again(tiny_search) -> None:
-    url = tiny_search.sqlite_url
-    tiny_search.create(url, 2, "--param", "epochs=400", "--pruner", "none")
-    study = optuna.load_study(study_name="logreg", storage=open_storage(url))
-    doomed = tiny_search.start_worker(url, *HEARTBEAT, name="doomed")
-    _wait_until(lambda: _running_mid_trial(study) is not None or doomed.poll() is not None, 120,
-                "a trial in the middle of its epochs")
-    victim = _running_mid_trial(study)
-    assert victim is not None, tiny_search.output("doomed")
-    doomed.send_signal(signal.SIGKILL)
-    doomed.wait()
-
-    _finish(tiny_search.start_worker(url, *HEARTBEAT, name="rescuer"), tiny_search, "rescuer")
-    trials = tiny_search.trials(url)
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert [t.number for t in failed] == [victim.number]
-    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert len(retries) == 1
-    retry = retries[0]
-    assert retry.state in FINISHED
-    assert retry.params == victim.params and retry.user_attrs["seed"] == victim.user_attrs["seed"]
-    assert sum(t.state in FINISHED for t in trials) == 2
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-
-
-@pytest.mark.slow
 def test_sigterm_stops_a_worker_after_its_epoch_and_leaves_no_trial_running(tiny_search) -> None:
     url = tiny_search.sqlite_url
     tiny_search.create(url, 2, "--param", "epochs=400", "--pruner", "none")
