@@ -199,3 +199,17 @@ EXAMPLE_COMMANDS = manifest_commands() + slurm_commands()
                          ids=[f"{source}:{' '.join(words[:1])}" for source, words in EXAMPLE_COMMANDS])
 def test_every_example_command_is_a_valid_command_line(source, words):
     parse_cli(source, words)
+
+
+def test_every_package_of_the_project_ships_in_its_wheel() -> None:
+    """pip install . (not -e) must carry search.families, search.commands and search.report too."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parent.parent
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = set(find_packages(str(root), include=include))
+    on_disk = {".".join(init.parent.relative_to(root).parts) for top in ("data", "models", "search")
+               for init in (root / top).rglob("__init__.py")}
+    assert on_disk and on_disk <= shipped
