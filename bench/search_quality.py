@@ -69,16 +69,16 @@ class Side:
 
 
 def model_params(model: str, defaults: list[str], given: list[str]) -> list[str]:
-    """The --param values that concern `model`: its defaults, then the user's (which win), unprefixed ones
-    only where the model has that parameter, "model.name=..." only for this model."""
+    """The --param values that concern `model`, one per name: its defaults, then the user's (which win);
+    unprefixed ones only where the model has that parameter, "model.name=..." only for this model."""
     names = {d.name for d in get_family(model).space}
-    chosen = []
+    chosen: dict[str, str] = {}
     for item in [*defaults, *given]:
         key = item.partition("=")[0].strip()
         target, _, name = key.rpartition(".")
-        if (target == model) or (not target and name in names):
-            chosen.append(item)
-    return chosen
+        if target == model or (not target and name in names):
+            chosen[key] = item
+    return list(chosen.values())
 
 
 def budget(args: argparse.Namespace, model: str, cpu: bool) -> tuple[int, list[str]]:

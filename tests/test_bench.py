@@ -25,7 +25,7 @@ def test_throughput_trials_fix_the_work_and_search_only_lr_decay_dropout():
 
 def test_quality_params_reach_only_the_models_that_have_them_and_the_users_come_last():
     given = ["epochs=5", "feature_views=1", "mlp.n_layers=3", "logreg.lr=0.01"]
-    assert model_params("logreg", ["epochs=10"], given) == ["epochs=10", "epochs=5", "logreg.lr=0.01"]
+    assert model_params("logreg", ["epochs=10"], given) == ["epochs=5", "logreg.lr=0.01"]
     assert model_params("mobilenet_frozen", [], given) == ["epochs=5", "feature_views=1"]
 
 
