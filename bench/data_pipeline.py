@@ -25,6 +25,7 @@ from bench.plain import (
     PlainBatches,
     TrainOnly,
     add_common_arguments,
+    apply_threads,
     build_plain_model,
     clock,
     forget_features,
@@ -45,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     names = parse_models(args.models)
     device = resolve_device(args.device)
+    threads = apply_threads(args)
     rows = []
     loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
@@ -89,7 +91,8 @@ def main() -> None:
 
     sizes = ", ".join(f"{s}px: {len(d.parts['train'])} train / {len(d.parts['val'])} val, loaded in {d.load_seconds:.1f}s"
                       for s, d in loaded.items())
-    print(f"\none training epoch per model, device {device}, plain DataLoader num_workers={args.workers} ({sizes})")
+    print(f"\none training epoch per model, device {device}, {threads} intra-op thread(s), "
+          f"plain DataLoader num_workers={args.workers} ({sizes})")
     print_table(["model", "batch", "project img/s", "one-time features s", "plain img/s", "ratio"], rows)
     print("ratio = project img/s / plain img/s (same model, seed, images, batch size; validation not timed).")
     if "mobilenet_frozen" in names:

@@ -19,6 +19,9 @@ epochs + mean measured epoch x the rest), which the table says.
 --cudnn-benchmark on,off (CUDA) runs each convolutional model under both settings of
 torch.backends.cudnn.benchmark (the family's flag, which `search.trial.prepare` applies), one row each;
 under the second setting "cold" is the first trial under that setting.
+On a machine whose cores other work also uses, wall times with torch's default threads (one per core) swing
+widely (OpenMP threads wait on each other when one is descheduled): --threads 1 --repeats 3 gives steady
+figures.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from bench.plain import (
     BenchData,
     PlainBatches,
     add_common_arguments,
+    apply_threads,
     build_plain_model,
     clock,
     forget_features,
@@ -90,6 +94,11 @@ def plain_trial(args: argparse.Namespace, family: Family, params: dict, data: Be
     return seconds + per_epoch * (int(params["epochs"]) - measured), measured
 
 
+def median_trial(runs: list[Timed]) -> Timed:
+    """The run of median wall time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+
+
 def cudnn_settings(text: str | None, device: torch.device) -> list[bool | None]:
     """--cudnn-benchmark "on,off" -> [True, False]; not given -> [None] (each family's own flag)."""
     if not text:
@@ -117,9 +126,15 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", metavar="on,off",
                         help="CUDA only: run each convolutional model under these torch.backends.cudnn.benchmark "
                              "settings (default: the family's own)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the warm project trial and the plain trial this many times and report the median "
+                             "(default 1); for a busy machine")
     args = parser.parse_args()
     names = parse_models(args.models)
     device = resolve_device(args.device)
+    threads = apply_threads(args)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     settings = cudnn_settings(args.cudnn_benchmark, device)
     rows, notes = [], []
     loaded: dict[int, BenchData] = {}
@@ -139,13 +154,15 @@ def main() -> None:
                 with tempfile.TemporaryDirectory(prefix="bench-features-") as feature_cache:
                     forget_features()
                     cold = project_trial(args, variant, params, data, Path(feature_cache), device)
-                    warm = project_trial(args, variant, params, data, Path(feature_cache), device)
+                    warm = median_trial([project_trial(args, variant, params, data, Path(feature_cache), device)
+                                         for _ in range(args.repeats)])
                 forget_features()
                 if device.type == "cuda":
                     torch.backends.cudnn.benchmark = variant.cudnn_benchmark
                 warm_up(name, params, size, args.weights, device)
-                plain, measured = plain_trial(args, variant, params, data,
-                                              args.plain_frozen_epochs if name == FROZEN else epochs, device)
+                plains = [plain_trial(args, variant, params, data, args.plain_frozen_epochs if name == FROZEN else epochs,
+                                      device) for _ in range(args.repeats)]
+                plain, measured = statistics.median(p for p, _ in plains), plains[0][1]
 
                 cudnn = ("on" if variant.cudnn_benchmark else "off") if convolutional else "-"
                 plain_text = f"{plain:.1f}" + ("" if measured == epochs else f" (extrapolated from {measured})")
@@ -162,7 +179,8 @@ def main() -> None:
 
     sizes = ", ".join(f"{s}px: {len(d.parts['train'])} train / {len(d.parts['val'])} val" for s, d in loaded.items())
     print(f"\none trial per model (build + train + validate every epoch), device {device}, "
-          f"plain DataLoader num_workers={args.workers} ({sizes})")
+          f"{threads} intra-op thread(s), plain DataLoader num_workers={args.workers} ({sizes})"
+          + (f"; warm and plain: median of {args.repeats} runs" if args.repeats > 1 else ""))
     print_table(["model", "epochs", "batch", *(["cudnn benchmark"] if device.type == "cuda" else []),
                  "project cold s", "project warm s", "first epoch s (cold / warm)",
                  "later epoch s, median (cold / warm)", "plain s", "ratio plain / project warm"], rows)
