@@ -42,13 +42,17 @@ from search.best import stored_result
 from search.family import get_family
 
 CPU_MODELS = "logreg,mlp,mobilenet_frozen"
-# Per model on the CPU: (trials, --param values). Measured on 2 shared cores with the 3,500/1,500 CIFAR folder.
+# Per model on the CPU: (trials, --param values), for logreg + mlp + mobilenet_frozen to take about 15-18 minutes
+# on 2 shared cores with the 3,500 / 1,500 CIFAR folder. Measured there, per epoch of train + validation: logreg
+# about 0.5-1 s; the reference mlp 11-15 s (smaller searched ones 4 s); mobilenet_frozen's head 0.2-0.5 s plus about
+# 2 s per trial to build, after about 70 s computing the cached features once (2 views of train, validation, test).
+# cnn (about 5 s per epoch) and mobilenet_finetune (minutes per epoch) have a CPU budget too, outside those minutes.
 CPU_BUDGET: dict[str, tuple[int, list[str]]] = {
-    "logreg": (12, ["epochs=10"]),
-    "mlp": (6, ["epochs=6"]),
+    "logreg": (16, ["epochs=15"]),
+    "mlp": (6, ["epochs=5"]),
     "cnn": (8, ["epochs=6"]),
-    "mobilenet_frozen": (12, ["epochs=20", "image_size=96", "feature_views=2", "flip_p=0.5", "max_rotation=8"]),
-    "mobilenet_finetune": (3, ["epochs=2", "image_size=96"]),
+    "mobilenet_frozen": (16, ["epochs=20", "image_size=96", "feature_views=2", "flip_p=0.5", "max_rotation=8"]),
+    "mobilenet_finetune": (2, ["epochs=1", "image_size=96"]),
 }
 REFERENCE, SEARCHED = "reference-", "searched-"
 
