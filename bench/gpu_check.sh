@@ -126,8 +126,8 @@ echo "gpu_check: device $device, data $data, weights ${weights:-none}, python $p
 env_report() {
   echo "date: $(date -Is)"; echo "host: $(hostname)"
   echo "git: $(git -C "$root" rev-parse --short HEAD 2>/dev/null) $(git -C "$root" status --porcelain 2>/dev/null | wc -l) changed file(s)"
-  "$py" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); [print("gpu", i, torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]'
-  "$py" -c 'import optuna; print("optuna", optuna.__version__)'
+  "$py" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); [print("gpu", i, torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]' || return 1
+  "$py" -c 'import optuna; print("optuna", optuna.__version__)' || return 1
   "$py" -c 'import pytest; print("pytest", pytest.__version__)' 2>/dev/null || echo "pytest: not installed"
   if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
 }
