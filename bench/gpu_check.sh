@@ -9,9 +9,9 @@
 #   6. best           $PY -m search.cli best --model all
 #   7. report         $PY -m search.cli report
 # Every log and table goes into one folder (--out: STEP.log, nvidia-smi.csv, throughput/, search/, report/,
-# summary.txt); each step has its own time limit, so one stuck step
-# cannot eat the budget (about 8 minutes on one H100 or H200); a failed step does not stop the others, but
-# the script exits 1 after printing a summary of every step (name, seconds, exit code, log file).
+# summary.txt). Each step has its own time limit, so one stuck step cannot eat the budget (8 minutes on one
+# H100 or H200 in all); a failed step does not stop the others, but the script exits 1 after printing a
+# summary of every step (name, seconds, exit code, log file).
 #
 #   bash bench/gpu_check.sh --data-root DIR --weights FILE           # on the GPU box
 #   bash bench/gpu_check.sh --device cpu                             # the same steps, small sizes, on a CPU
