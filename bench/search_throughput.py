@@ -265,13 +265,14 @@ def throughput(args: argparse.Namespace, launch: Launch, data_root: Path, workdi
         rates.append(rate)
         row = [str(workers), f"{len(trials)}/{args.trials}", f"{wall:.1f}", f"{rate:.1f}",
                f"{rate / rates[0]:.2f}x" if rates[0] else "-"]
-        if launch.gpu is not None:
-            busy = sampler.busy(trial_span(trials)) if sampler is not None else None
-            row += [f"{busy[0]:.0f}" if busy else (sampler.error or "no samples") if sampler else "-",
-                    f"{busy[1]:,.0f}" if busy else "-"]
+        busy_text = ""
+        if sampler is not None:
+            busy = sampler.busy(trial_span(trials))
+            row += [f"{busy[0]:.0f}" if busy else sampler.error or "no samples", f"{busy[1]:,.0f}" if busy else "-"]
+            busy_text = f", GPU busy {busy[0]:.0f}%, {busy[1]:,.0f} MiB" if busy else f", GPU busy: {row[5]}"
         rows.append(row)
         print(f"  {workers} worker(s): {len(trials)} trials finished, {rate:.1f} trials/min, wall {wall:.1f}s"
-              + (f", GPU busy {row[5]}%" if launch.gpu is not None else ""), flush=True)
+              + busy_text, flush=True)
     print()
     print_table(["workers per GPU" if launch.gpu is not None else "workers", "finished", "wall s", "trials/min",
                  "vs first", *(["GPU busy %", "GPU memory MiB"] if launch.gpu is not None else [])], rows)
