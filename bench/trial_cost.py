@@ -127,8 +127,8 @@ def main() -> None:
                         help="CUDA only: run each convolutional model under these torch.backends.cudnn.benchmark "
                              "settings (default: the family's own)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run the warm project trial and the plain trial this many times and report the median "
-                             "(default 1); for a busy machine")
+                        help="run the warm project trial and the plain trial this many times, interleaved, and "
+                             "report the medians (default 1); for a busy machine")
     args = parser.parse_args()
     names = parse_models(args.models)
     device = resolve_device(args.device)
@@ -151,17 +151,17 @@ def main() -> None:
             convolutional = has_convolutions(family.create_model(params, image_size=size))
             for setting in settings if convolutional else settings[:1]:
                 variant = family if setting is None else dataclasses.replace(family, cudnn_benchmark=setting)
+                plain_epochs = args.plain_frozen_epochs if name == FROZEN else epochs
                 with tempfile.TemporaryDirectory(prefix="bench-features-") as feature_cache:
                     forget_features()
                     cold = project_trial(args, variant, params, data, Path(feature_cache), device)
-                    warm = median_trial([project_trial(args, variant, params, data, Path(feature_cache), device)
-                                         for _ in range(args.repeats)])
+                    warm_up(name, params, size, args.weights, device)  # the plain path's, untimed
+                    warms, plains = [], []
+                    for _ in range(args.repeats):  # interleaved, so a burst of other work hits both alike
+                        warms.append(project_trial(args, variant, params, data, Path(feature_cache), device))
+                        plains.append(plain_trial(args, variant, params, data, plain_epochs, device))
                 forget_features()
-                if device.type == "cuda":
-                    torch.backends.cudnn.benchmark = variant.cudnn_benchmark
-                warm_up(name, params, size, args.weights, device)
-                plains = [plain_trial(args, variant, params, data, args.plain_frozen_epochs if name == FROZEN else epochs,
-                                      device) for _ in range(args.repeats)]
+                warm = median_trial(warms)
                 plain, measured = statistics.median(p for p, _ in plains), plains[0][1]
 
                 cudnn = ("on" if variant.cudnn_benchmark else "off") if convolutional else "-"
