@@ -94,7 +94,7 @@ run_step() {  # NAME LIMIT_S COMMAND...: output to $out/NAME.log, its last lines
 if [ "$device" = cuda ]; then
   data=$data_root
   trial_cost=(--device cuda --images 3500 --epochs 3 --frozen-epochs 10 --plain-frozen-epochs 2 --workers 4
-              --cudnn-benchmark on,off)
+              --repeats 1 --cudnn-benchmark on,off)
   throughput=(--device cuda --workers-per-gpu 1,2,4 --trials 16 --epochs 3 --storage-trials 12 --timeout 35)
   search=(--n-trials 4 --param epochs=3 --gpus 0 --workers-per-gpu 2)
   best_device=cuda:0
@@ -113,7 +113,7 @@ else
     done
   done
   export STL10_SEARCH_BENCH_DATA=$data
-  trial_cost=(--device cpu --images 140 --epochs 2 --frozen-epochs 3 --plain-frozen-epochs 1)
+  trial_cost=(--device cpu --images 140 --epochs 2 --frozen-epochs 3 --plain-frozen-epochs 1 --repeats 1)
   throughput=(--device cpu --workers 1,2 --trials 8 --storage-trials 8 --timeout 60)
   search=(--n-trials 2 --param epochs=1 --workers 2)
   best_device=cpu

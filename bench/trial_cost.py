@@ -5,11 +5,11 @@
 
 A trial is building the model, then every epoch's training and validation, same epochs, images, params
 and seed on both paths; loading the dataset is not timed (a study does it once). The project's trial runs
-twice in this process, as a worker runs one trial after another:
+several times in this process, as a worker runs one trial after another:
 - cold: the first trial of this model, batch size and image size in the process, so any one-off cost
   (kernel selection, allocator growth, a warm-up pass, the frozen MobileNetV2's feature cache, computed
   into an empty cache folder) is in it;
-- warm: the same trial again right after, as the worker's next trial finds things.
+- warm: the same trial again, as the worker's next trials find things.
 "first epoch" and "later epochs (median)" are the per-epoch seconds the runner records (train + validate),
 cold / warm: a warm-up paid once per worker shows as a slow cold first epoch and fast warm epochs.
 The plain path (see `bench/plain.py`) is timed after an untimed warm-up step, so the ratio compares warm
@@ -19,9 +19,9 @@ epochs + mean measured epoch x the rest), which the table says.
 --cudnn-benchmark on,off (CUDA) runs each convolutional model under both settings of
 torch.backends.cudnn.benchmark (the family's flag, which `search.trial.prepare` applies), one row each;
 under the second setting "cold" is the first trial under that setting.
-On a machine whose cores other work also uses, wall times with torch's default threads (one per core) swing
-widely (OpenMP threads wait on each other when one is descheduled): --threads 1 --repeats 3 gives steady
-figures.
+The warm and plain trials run --repeats times, interleaved, and the medians are shown: on a machine whose
+cores other work also uses, one run of each swings by up to 2x. There, --threads 1 steadies them further
+(with torch's default of one thread per core, its threads wait on each other when one is descheduled).
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def main() -> None:
     parser.add_argument("--cudnn-benchmark", metavar="on,off",
                         help="CUDA only: run each convolutional model under these torch.backends.cudnn.benchmark "
                              "settings (default: the family's own)")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="run the warm project trial and the plain trial this many times, interleaved, and "
-                             "report the medians (default 1); for a busy machine")
+                             "report the medians (default 3)")
     args = parser.parse_args()
     names = parse_models(args.models)
     device = resolve_device(args.device)
