@@ -283,7 +283,8 @@ def pruning(args: argparse.Namespace, launch: Launch, workers: int, workdir: Pat
         print(f"\nPart 3 skipped: no --data-root folder ({args.data_root})")
         return
     print(f"\nPart 3: pruning, {args.prune_model} at 32px on {args.data_root.name}, {args.prune_trials} trials, "
-          f"{args.prune_epochs}-epoch budget, {workers} worker(s) (the samplers of the two runs draw different settings)", flush=True)
+          f"{args.prune_epochs}-epoch budget, {workers} worker(s) (the two runs' samplers draw different settings)",
+          flush=True)
     results = []
     for pruner in ("hyperband", "none"):
         run = workdir / f"prune-{pruner}"
