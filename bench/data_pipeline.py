@@ -25,6 +25,7 @@ from bench.plain import (
     PlainBatches,
     TrainOnly,
     add_common_arguments,
+    apply_threads,
     build_plain_model,
     clock,
     forget_features,
@@ -43,12 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.data_pipeline", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, images=1000, models=",".join(families()))
     args = parser.parse_args()
-    families = parse_models(args.models)
+    names = parse_models(args.models)
     device = resolve_device(args.device)
+    threads = apply_threads(args)
     rows = []
     loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
-        for family in families:
+        for family in names:
             family_entry = get_family(family)
             size = family_entry.image_size
             if size not in loaded:
@@ -89,10 +91,11 @@ def main() -> None:
 
     sizes = ", ".join(f"{s}px: {len(d.parts['train'])} train / {len(d.parts['val'])} val, loaded in {d.load_seconds:.1f}s"
                       for s, d in loaded.items())
-    print(f"\none training epoch per model, device {device}, plain DataLoader num_workers={args.workers} ({sizes})")
+    print(f"\none training epoch per model, device {device}, {threads} intra-op thread(s), "
+          f"plain DataLoader num_workers={args.workers} ({sizes})")
     print_table(["model", "batch", "project img/s", "one-time features s", "plain img/s", "ratio"], rows)
     print("ratio = project img/s / plain img/s (same model, seed, images, batch size; validation not timed).")
-    if "mobilenet_frozen" in families:
+    if "mobilenet_frozen" in names:
         print("mobilenet_frozen: the project trains its head on cached backbone features; the one-time column is "
               "`prepare` computing them (feature_views augmented views of the train images + validation), "
               "which every later epoch and trial reuses. The plain path runs the backbone on every image, every epoch.")

@@ -147,6 +147,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, images: int, models: s
                         help=f"train images per model (default {images}); validation gets the study's 3:7 share")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--workers", type=int, default=0, help="plain path DataLoader num_workers (default 0)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads for both paths (default: torch's choice, one per core); 1 gives "
+                             "steady figures on a machine whose cores other work also uses")
     add_data_arguments(parser)
     parser.add_argument("--batch-size", type=int, help="override every model's batch size (default: its reference)")
     parser.add_argument("--seed", type=int, default=0)
@@ -160,6 +163,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"ImageFolder dataset, DIR/train/<class>/*.jpg (default ${DATA_ROOT_ENV})")
     parser.add_argument("--weights", type=Path, default=Path(weights) if weights else None,
                         help=f"torchvision MobileNetV2 state dict (default ${WEIGHTS_ENV}, else random weights)")
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """--threads, if given; returns the intra-op thread count both paths run with."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
 
 
 def parse_models(text: str) -> list[str]:

@@ -1,28 +1,50 @@
-"""Search throughput on the CPU: trials per minute with 1 and 2 workers on SQLite, storage time per trial,
-and what pruning saves for the same number of trials.
+"""Search throughput: trials per minute for several worker counts on one device, GPU busy % while the search
+ran, storage time per trial, and (optionally) what pruning saves.
 
-    python -m bench.search_throughput [--trials 24] [--prune-trials 12] [--data-root DIR]
+    python -m bench.search_throughput                                     # CPU: tiny trials, 1 and 2 workers
+    python -m bench.search_throughput --device cuda --workers-per-gpu 1,2,4
+    python -m bench.search_throughput --prune-trials 12                  # also the pruning comparison
 
-Part 1 uses tiny trials (logistic regression, 16px synthetic images, 1 epoch) so that storage and process
-overhead dominate. Part 2 runs a real small search (logistic regression, 32px, 10-epoch budget) on
---data-root (default $STL10_SEARCH_BENCH_DATA) once with Hyperband pruning and once without.
+Part 1 runs `python -m search.cli search` in a fresh SQLite study per worker count, exactly as a user
+launches it (`--gpus N --workers-per-gpu K` on CUDA, `--workers K` on the CPU). The trials cost the same
+whatever is sampled: every parameter that sets the work (architecture, batch size, epochs, augmentation) is
+fixed at the model's reference setting, and only lr, weight decay and dropout are searched, without pruning.
+On CUDA they are real (default: the CNN at 64 px on --data-root, 3 epochs, 3,500 train images), so several
+workers per GPU show whether they fill it; on the CPU they are tiny (logistic regression on 16 px synthetic
+images, 1 epoch), so storage and process overhead dominate. trials/min counts from the first trial's start
+to the last one's end (process and data start-up excluded); wall s is the whole command. On CUDA, GPU busy %
+is the mean of `nvidia-smi` utilization samples in that same span, and memory the highest sample.
+
+Part 2 (in this process, CPU, tiny trials) is the share of a trial spent in storage calls.
+Part 3, only with --prune-trials N, runs a real small search (--prune-model at 32 px, --prune-epochs budget)
+on --data-root with Hyperband pruning and without, with the most workers of part 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.launch import run_cli, tail
+from bench.plain import DATA_ROOT_ENV, print_table
+from search.family import get_family
+
+SEARCHED = ("lr", "weight_decay")  # and every dropout: what part 1's trials vary; the rest is fixed
 
 
 def write_tiny_dataset(root: Path, classes: int = 4, per_class: int = 16, size: int = 16) -> Path:
@@ -35,30 +57,135 @@ def write_tiny_dataset(root: Path, classes: int = 4, per_class: int = 16, size: 
     return root
 
 
-def search(workdir: Path, data_root: Path, trials: int, workers: int, params: list[str], pruner: str,
-           image_size: int) -> float:
-    """Run `stl10-search search` in a fresh folder; returns its wall seconds."""
-    command = [sys.executable, "-m", "search.cli", "search", "--model", "logreg", "--n-trials", str(trials),
-               "--workers", str(workers), "--dataset", "imagefolder", "--data-root", str(data_root),
-               "--image-size", str(image_size), "--pruner", pruner, "--cache-dir", str(workdir / "cache"),
-               "--storage", f"sqlite:///{workdir}/studies.db", "--log-dir", str(workdir / "logs")]
+def fixed_params(model: str, epochs: int) -> list[str]:
+    """--param values fixing everything but lr, weight decay and dropout at the model's reference setting."""
+    reference = get_family(model).resolve({"epochs": epochs})
+    return [f"{name}={value}" for name, value in reference.items()
+            if name not in SEARCHED and not name.startswith("dropout") and name != "image_size"]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How `search` places its workers: K per GPU `gpu`, or K CPU workers."""
+
+    gpu: int | None
+
+    def arguments(self, workers: int) -> list[str]:
+        if self.gpu is None:
+            return ["--workers", str(workers)]
+        return ["--gpus", str(self.gpu), "--workers-per-gpu", str(workers)]
+
+
+def search(workdir: Path, cache: Path, data_root: Path, model: str, trials: int, workers: int, launch: Launch,
+           params: list[str], pruner: str, image_size: int, timeout: float) -> float:
+    """`search` on a fresh SQLite storage in `workdir` (output in workdir/search.log, worker logs in
+    workdir/logs/); returns its wall seconds."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    arguments = ["search", "--model", model, "--n-trials", str(trials), *launch.arguments(workers),
+                 "--dataset", "imagefolder", "--data-root", str(data_root), "--image-size", str(image_size),
+                 "--pruner", pruner, "--cache-dir", str(cache), "--storage", f"sqlite:///{workdir}/studies.db",
+                 "--log-dir", str(workdir / "logs")]
     for p in params:
-        command += ["--param", p]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=workdir, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return time.perf_counter() - started
+        arguments += ["--param", p]
+    log_path = workdir / "search.log"
+    code, seconds = run_cli(arguments, log_path, timeout)
+    if code != 0:
+        print(f"  search with {workers} worker(s) exited with {code}; last lines of {log_path}:\n{tail(log_path)}",
+              file=sys.stderr, flush=True)
+    return seconds
 
 
-def finished_trials(workdir: Path) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name="logreg", storage=f"sqlite:///{workdir}/studies.db")
-    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+def finished_trials(workdir: Path, model: str) -> list[optuna.trial.FrozenTrial]:
+    path = workdir / "studies.db"
+    if not path.is_file():
+        return []
+    try:
+        study = optuna.load_study(study_name=model, storage=f"sqlite:///{path}")
+    except KeyError:
+        return []
+    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.datetime_complete]
+
+
+def trial_span(trials: list[optuna.trial.FrozenTrial]) -> tuple[datetime, datetime] | None:
+    """First trial started to last trial finished: the search itself, process and data start-up excluded."""
+    if not trials:
+        return None
+    return min(t.datetime_start for t in trials), max(t.datetime_complete for t in trials)
 
 
 def steady_rate(trials: list[optuna.trial.FrozenTrial]) -> float:
-    """Trials per minute from the first trial's start to the last one's end (process start-up excluded)."""
-    start = min(t.datetime_start for t in trials)
-    end = max(t.datetime_complete for t in trials)
-    return len(trials) / max((end - start).total_seconds(), 1e-9) * 60
+    span = trial_span(trials)
+    if span is None:
+        return 0.0
+    return len(trials) / max((span[1] - span[0]).total_seconds(), 1e-9) * 60
+
+
+class GpuSampler:
+    """`nvidia-smi -lms` utilization and memory samples of one GPU, stamped on arrival, in a child process that
+    is always ended (terminated, then killed) on leaving the `with` block."""
+
+    def __init__(self, gpu: int, interval_ms: int, log_path: Path | None = None) -> None:
+        self.command = ["nvidia-smi", "-i", str(gpu), "--query-gpu=utilization.gpu,memory.used",
+                        "--format=csv,noheader,nounits", "-lms", str(interval_ms)]
+        self.log_path = log_path
+        self.samples: list[tuple[datetime, float, float]] = []
+        self.process: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    def __enter__(self) -> GpuSampler:
+        try:
+            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                            stdin=subprocess.DEVNULL, text=True)
+        except OSError as error:
+            self.error = f"nvidia-smi unavailable ({error.strerror or error})"
+            return self
+        self.thread = threading.Thread(target=self._read, name="nvidia-smi", daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        log = open(self.log_path, "a") if self.log_path else None
+        try:
+            for line in self.process.stdout:
+                now = datetime.now()
+                if log:
+                    log.write(f"{now.isoformat(timespec='milliseconds')}, {line}")
+                with contextlib.suppress(ValueError):
+                    utilization, memory = (float(v) for v in line.split(",")[:2])
+                    self.samples.append((now, utilization, memory))
+        finally:
+            if log:
+                log.close()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def busy(self, span: tuple[datetime, datetime] | None) -> tuple[float, float] | None:
+        """(mean utilization %, highest memory MiB) of the samples within `span`; None without samples."""
+        inside = [s for s in self.samples if span is None or span[0] <= s[0] <= span[1]]
+        if not inside:
+            return None
+        return sum(s[1] for s in inside) / len(inside), max(s[2] for s in inside)
+
+
+@contextlib.contextmanager
+def sampling(gpu: int | None, interval_ms: int, log_path: Path | None) -> Iterator[GpuSampler | None]:
+    if gpu is None:
+        yield None
+        return
+    with GpuSampler(gpu, interval_ms, log_path) as sampler:
+        yield sampler
 
 
 def storage_seconds_per_trial(data_root: Path, trials: int) -> tuple[float, float]:
@@ -109,53 +236,133 @@ def storage_seconds_per_trial(data_root: Path, trials: int) -> tuple[float, floa
     return spent[0] / trials, total / trials
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=24, help="tiny trials per throughput run")
-    parser.add_argument("--prune-trials", type=int, default=12, help="trials per pruning comparison run")
-    data_root = os.environ.get("STL10_SEARCH_BENCH_DATA")
-    parser.add_argument("--data-root", type=Path, default=Path(data_root) if data_root else None,
-                        help="ImageFolder data for the pruning comparison (default $STL10_SEARCH_BENCH_DATA)")
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def parse_counts(text: str, flag: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"{flag} takes worker counts like 1,2,4; got {text!r}")
+    return counts
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = write_tiny_dataset(Path(tmp) / "tiny")
-        print(f"Part 1: tiny trials (logreg, 16px, 1 epoch, {args.trials} trials per run), SQLite")
-        rows = []
-        for workers in (1, 2):
-            workdir = Path(tmp) / f"w{workers}"
-            workdir.mkdir()
-            wall = search(workdir, tiny, args.trials, workers, ["epochs=1"], "none", 16)
-            trials = finished_trials(workdir)
-            rows.append((workers, len(trials), wall, steady_rate(trials)))
-        print(f"{'workers':>7}  {'finished':>8}  {'wall s':>7}  {'trials/min':>10}  {'vs 1 worker':>11}")
-        for workers, finished, wall, rate in rows:
-            print(f"{workers:>7}  {finished:>8}  {wall:>7.1f}  {rate:>10.1f}  {rate / rows[0][3]:>10.2f}x")
-        storage_s, trial_s = storage_seconds_per_trial(tiny, args.trials)
-        print(f"storage time per trial (1 worker, in process): {storage_s * 1000:.0f} ms of {trial_s * 1000:.0f} ms "
-              f"({storage_s / trial_s:.0%})")
 
-        if args.data_root is None or not args.data_root.is_dir():
-            print(f"Part 2 skipped: {args.data_root} not found")
-            return
-        print(f"\nPart 2: pruning, logreg at 32px on {args.data_root.name}, {args.prune_trials} trials, "
-              "10-epoch budget, 2 workers, same seed")
-        results = []
-        for pruner in ("hyperband", "none"):
-            workdir = Path(tmp) / f"p-{pruner}"
-            workdir.mkdir()
-            wall = search(workdir, args.data_root, args.prune_trials, 2, ["epochs=10"], pruner, 32)
-            trials = finished_trials(workdir)
-            epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
-            pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
-            best = max((t.value for t in trials if t.value is not None), default=float("nan"))
-            results.append((pruner, len(trials), pruned, epochs, best, wall))
-        print(f"{'pruner':>9}  {'finished':>8}  {'pruned':>6}  {'epochs':>6}  {'best val':>8}  {'wall s':>6}")
-        for pruner, finished, pruned, epochs, best, wall in results:
-            print(f"{pruner:>9}  {finished:>8}  {pruned:>6}  {epochs:>6}  {best:>8.2%}  {wall:>6.1f}")
+def throughput(args: argparse.Namespace, launch: Launch, data_root: Path, workdir: Path, cache: Path) -> None:
+    counts = parse_counts(args.workers_per_gpu if launch.gpu is not None else args.workers,
+                          "--workers-per-gpu" if launch.gpu is not None else "--workers")
+    params = fixed_params(args.model, args.epochs)
+    where = f"GPU {launch.gpu}, workers per GPU" if launch.gpu is not None else "CPU, workers"
+    print(f"Part 1: {args.model} at {args.image_size}px on {data_root.name}, {args.epochs} epoch(s), {args.trials} "
+          f"trials per run, no pruning, SQLite; {where}: {','.join(map(str, counts))}\n"
+          f"  fixed: {' '.join(params)}; searched: lr, weight_decay, dropout", flush=True)
+    rows, rates = [], []
+    for workers in counts:
+        run = workdir / f"workers-{workers}"
+        with sampling(launch.gpu, args.sample_ms, run.parent / f"nvidia-smi-{workers}.csv") as sampler:
+            wall = search(run, cache, data_root, args.model, args.trials, workers, launch, params, "none",
+                          args.image_size, args.timeout)
+        trials = finished_trials(run, args.model)
+        rate = steady_rate(trials)
+        rates.append(rate)
+        row = [str(workers), f"{len(trials)}/{args.trials}", f"{wall:.1f}", f"{rate:.1f}",
+               f"{rate / rates[0]:.2f}x" if rates[0] else "-"]
+        busy_text = ""
+        if sampler is not None:
+            busy = sampler.busy(trial_span(trials))
+            row += [f"{busy[0]:.0f}" if busy else sampler.error or "no samples", f"{busy[1]:,.0f}" if busy else "-"]
+            busy_text = f", GPU busy {busy[0]:.0f}%, {busy[1]:,.0f} MiB" if busy else f", GPU busy: {row[5]}"
+        rows.append(row)
+        print(f"  {workers} worker(s): {len(trials)} trials finished, {rate:.1f} trials/min, wall {wall:.1f}s"
+              + busy_text, flush=True)
+    print()
+    print_table(["workers per GPU" if launch.gpu is not None else "workers", "finished", "wall s", "trials/min",
+                 "vs first", *(["GPU busy %", "GPU memory MiB"] if launch.gpu is not None else [])], rows)
+
+
+def pruning(args: argparse.Namespace, launch: Launch, workers: int, workdir: Path, cache: Path) -> None:
+    if args.data_root is None or not args.data_root.is_dir():
+        print(f"\nPart 3 skipped: no --data-root folder ({args.data_root})")
+        return
+    print(f"\nPart 3: pruning, {args.prune_model} at 32px on {args.data_root.name}, {args.prune_trials} trials, "
+          f"{args.prune_epochs}-epoch budget, {workers} worker(s) (the two runs' samplers draw different settings)",
+          flush=True)
+    results = []
+    for pruner in ("hyperband", "none"):
+        run = workdir / f"prune-{pruner}"
+        wall = search(run, cache, args.data_root, args.prune_model, args.prune_trials, workers, launch,
+                      [f"epochs={args.prune_epochs}"], pruner, 32, args.timeout)
+        trials = finished_trials(run, args.prune_model)
+        epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
+        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+        best = max((t.value for t in trials if t.value is not None), default=float("nan"))
+        results.append((pruner, len(trials), pruned, epochs, best, wall))
+    print_table(["pruner", "finished", "pruned", "epochs", "best val", "wall s"],
+                [[p, str(f), str(n), str(e), f"{b:.2%}", f"{w:.1f}"] for p, f, n, e, b, w in results])
+    if results[1][3] and results[1][5]:
         print(f"epochs trained with pruning / without: {results[0][3] / results[1][3]:.2f}; "
               f"wall time ratio {results[0][5] / results[1][5]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.search_throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--workers", default="1,2", help="CPU: worker counts to compare (default 1,2)")
+    parser.add_argument("--workers-per-gpu", default="1,2,4", help="CUDA: workers per GPU to compare (default 1,2,4)")
+    parser.add_argument("--trials", type=int, help="trials per run (default 24 on the CPU, 16 on CUDA)")
+    parser.add_argument("--model", help="model of part 1 (default logreg on the CPU, cnn on CUDA)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial in part 1 (default 1 on the CPU, 3 on CUDA)")
+    parser.add_argument("--image-size", type=int, help="part 1 image side (default 16 on the CPU, 64 on CUDA)")
+    parser.add_argument("--tiny", action=argparse.BooleanOptionalAction,
+                        help="part 1 on 16 synthetic images per class instead of --data-root "
+                             "(default: tiny on the CPU, --data-root on CUDA)")
+    data_root = os.environ.get(DATA_ROOT_ENV)
+    parser.add_argument("--data-root", type=Path, default=Path(data_root) if data_root else None,
+                        help=f"ImageFolder dataset for real trials (default ${DATA_ROOT_ENV})")
+    parser.add_argument("--storage-trials", type=int, default=24,
+                        help="tiny trials of part 2, storage time (default 24; 0 skips it)")
+    parser.add_argument("--prune-trials", type=int, default=0, help="trials per pruning run of part 3 (default 0: skipped)")
+    parser.add_argument("--prune-model", default="logreg", help="model of part 3 (default logreg)")
+    parser.add_argument("--prune-epochs", type=int, default=10, help="epoch budget of part 3 (default 10)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds one search may run before it is stopped")
+    parser.add_argument("--sample-ms", type=int, default=500, help="nvidia-smi sampling interval (default 500 ms)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="keep every run's studies.db, search and worker logs here (default: a temporary folder)")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # unwind: stop searches and nvidia-smi
+
+    kind, _, index = args.device.partition(":")
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"--device takes cpu, cuda or cuda:N; got {args.device!r}")
+    cuda = kind == "cuda"
+    launch = Launch(int(index or 0) if cuda else None)
+    args.model = args.model or ("cnn" if cuda else "logreg")
+    args.epochs = args.epochs or (3 if cuda else 1)
+    args.image_size = args.image_size or (64 if cuda else 16)
+    args.trials = args.trials or (16 if cuda else 24)
+    tiny_data = not cuda if args.tiny is None else args.tiny
+    if not tiny_data and (args.data_root is None or not args.data_root.is_dir()):
+        raise SystemExit(f"real trials need --data-root (or ${DATA_ROOT_ENV}); {args.data_root} is not a folder")
+
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-throughput-")))
+        else:
+            workdir = args.work_dir.resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+        cache = workdir / "cache"  # images decoded once for every run
+        tiny = write_tiny_dataset(workdir / "tiny")
+        throughput(args, launch, tiny if tiny_data else args.data_root, workdir, cache)
+
+        if args.storage_trials > 0:
+            storage_s, trial_s = storage_seconds_per_trial(tiny, args.storage_trials)
+            print(f"\nPart 2: storage time per tiny trial (1 CPU worker, in process, {args.storage_trials} trials): "
+                  f"{storage_s * 1000:.0f} ms of {trial_s * 1000:.0f} ms ({storage_s / trial_s:.0%})")
+        if args.prune_trials > 0:
+            workers = max(parse_counts(args.workers_per_gpu if cuda else args.workers, "--workers"))
+            pruning(args, launch, workers, workdir, cache)
 
 
 if __name__ == "__main__":

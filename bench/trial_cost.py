@@ -1,30 +1,45 @@
-"""Wall time of one whole trial per model: this project's `search.pipeline.fit` vs the plain DataLoader path.
+"""Wall time of one whole trial per model: this project's `search.trial.run_trial` vs the plain DataLoader path.
 
     python -m bench.trial_cost                          # all five models, 500 train images, CPU
-    python -m bench.trial_cost --device cuda --images 3500 --epochs 20 --plain-frozen-epochs 20
+    python -m bench.trial_cost --device cuda --images 3500 --cudnn-benchmark on,off
 
-A trial is building the model, then every epoch's training and validation (`search.training.train`),
-same epochs, images, params and seed on both paths; loading the dataset is not timed (a study does it
-once). For the frozen MobileNetV2 the project's trial starts from an empty feature cache (a fresh cache
-folder, the in-memory cache emptied), so computing the cached features is part of its time; the warm
-column is the same trial again with those features on disk, as any later trial of a study finds them.
-The plain path (see `bench/plain.py`) runs the backbone on every image of every epoch; to stay within
-minutes it runs --plain-frozen-epochs of the --frozen-epochs and extrapolates linearly (build time +
-measured epochs + mean measured epoch x the rest), which the table says. Set --plain-frozen-epochs
-equal to --frozen-epochs to measure it whole.
+A trial is building the model, then every epoch's training and validation, same epochs, images, params
+and seed on both paths; loading the dataset is not timed (a study does it once). The project's trial runs
+several times in this process, as a worker runs one trial after another:
+- cold: the first trial of this model, batch size and image size in the process, so any one-off cost
+  (kernel selection, allocator growth, a warm-up pass, the frozen MobileNetV2's feature cache, computed
+  into an empty cache folder) is in it;
+- warm: the same trial again, as the worker's next trials find things.
+"first epoch" and "later epochs (median)" are the per-epoch seconds the runner records (train + validate),
+cold / warm: a warm-up paid once per worker shows as a slow cold first epoch and fast warm epochs.
+The plain path (see `bench/plain.py`) is timed after an untimed warm-up step, so the ratio compares warm
+with warm; it runs the frozen MobileNetV2's backbone on every image of every epoch, and to stay within
+minutes runs --plain-frozen-epochs of the --frozen-epochs and extrapolates linearly (build time + measured
+epochs + mean measured epoch x the rest), which the table says.
+--cudnn-benchmark on,off (CUDA) runs each convolutional model under both settings of
+torch.backends.cudnn.benchmark (the family's flag, which `search.trial.prepare` applies), one row each;
+under the second setting "cold" is the first trial under that setting.
+The warm and plain trials run --repeats times, interleaved, and the medians are shown: on a machine whose
+cores other work also uses, one run of each swings by up to 2x. There, --threads 1 steadies them further
+(with torch's default of one thread per core, its threads wait on each other when one is descheduled).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from bench.plain import (
     BenchData,
     PlainBatches,
     add_common_arguments,
+    apply_threads,
     build_plain_model,
     clock,
     forget_features,
@@ -34,81 +49,146 @@ from bench.plain import (
     print_table,
     warm_up,
 )
-from search.family import families, get_family
+from search.family import Family, families, get_family
 from search.pipeline import resolve_device
-from search.trial import run_trial
+from search.trial import has_convolutions, run_trial
 
 FROZEN = "mobilenet_frozen"
 
 
-def project_trial(args: argparse.Namespace, family: str, params: dict, data: BenchData, cache: Path, device) -> float:
+@dataclass(frozen=True)
+class Timed:
+    """One trial's wall seconds and the runner's seconds per epoch."""
+
+    seconds: float
+    epochs: tuple[float, ...]
+
+    @property
+    def first(self) -> float:
+        return self.epochs[0]
+
+    @property
+    def later(self) -> float | None:
+        return statistics.median(self.epochs[1:]) if len(self.epochs) > 1 else None
+
+
+def project_trial(args: argparse.Namespace, family: Family, params: dict, data: BenchData, cache: Path,
+                  device: torch.device) -> Timed:
     config = dataclasses.replace(image_config(args, cache), image_size=data.size)
-    forget_features()
     started = clock(device)
-    run_trial(get_family(family), params, data.parts, config, device, args.seed)
-    return clock(device) - started
+    fit = run_trial(family, params, data.parts, config, device, args.seed)
+    return Timed(clock(device) - started, tuple(m.seconds for m in fit.history))
 
 
-def plain_trial(args: argparse.Namespace, family: str, params: dict, data: BenchData, epochs: int,
-                device) -> tuple[float, int]:
+def plain_trial(args: argparse.Namespace, family: Family, params: dict, data: BenchData, epochs: int,
+                device: torch.device) -> tuple[float, int]:
     """Seconds of a plain trial of params["epochs"], from `epochs` measured ones; returns (seconds, measured)."""
     measured = min(epochs, int(params["epochs"]))
     started = clock(device)
-    model = build_plain_model(family, params, data.size, args.weights, device, args.seed)
+    model = build_plain_model(family.name, params, data.size, args.weights, device, args.seed)
     source = PlainBatches(data.pil, data.size, params, device, args.seed, args.workers)
-    history = run_trial(get_family(family), {**params, "epochs": measured}, data.parts, image_config(args, None),
+    history = run_trial(family, {**params, "epochs": measured}, data.parts, image_config(args, None),
                         device, args.seed, prepared=(model, model, source)).history
     seconds = clock(device) - started
     per_epoch = sum(m.seconds for m in history) / len(history)
     return seconds + per_epoch * (int(params["epochs"]) - measured), measured
 
 
+def median_trial(runs: list[Timed]) -> Timed:
+    """The run of median wall time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+
+
+def cudnn_settings(text: str | None, device: torch.device) -> list[bool | None]:
+    """--cudnn-benchmark "on,off" -> [True, False]; not given -> [None] (each family's own flag)."""
+    if not text:
+        return [None]
+    if device.type != "cuda":
+        raise SystemExit("--cudnn-benchmark applies to CUDA devices only")
+    values = {"on": True, "off": False}
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if not words or any(w not in values for w in words):
+        raise SystemExit(f"--cudnn-benchmark takes on, off or on,off; got {text!r}")
+    return [values[w] for w in dict.fromkeys(words)]
+
+
+def _pair(cold: float | None, warm: float | None) -> str:
+    return "-" if cold is None or warm is None else f"{cold:.2f} / {warm:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.trial_cost", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, images=500, models=",".join(families()))
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of every model but the frozen MobileNetV2 (default 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of every model but the frozen MobileNetV2 (default 3)")
     parser.add_argument("--frozen-epochs", type=int, default=20, help="epochs of the frozen MobileNetV2 (default 20)")
     parser.add_argument("--plain-frozen-epochs", type=int, default=2,
                         help="epochs of the plain frozen trial actually run, the rest extrapolated (default 2)")
+    parser.add_argument("--cudnn-benchmark", metavar="on,off",
+                        help="CUDA only: run each convolutional model under these torch.backends.cudnn.benchmark "
+                             "settings (default: the family's own)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="run the warm project trial and the plain trial this many times, interleaved, and "
+                             "report the medians (default 3)")
     args = parser.parse_args()
-    families = parse_models(args.models)
+    names = parse_models(args.models)
     device = resolve_device(args.device)
+    threads = apply_threads(args)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    settings = cudnn_settings(args.cudnn_benchmark, device)
     rows, notes = [], []
     loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
-        for family in families:
-            size = get_family(family).image_size
+        for name in names:
+            family = get_family(name)
+            size = family.image_size
             if size not in loaded:
                 loaded[size] = load_bench_data(args, size, Path(image_cache), device)
             data = loaded[size]
-            epochs = args.frozen_epochs if family == FROZEN else args.epochs
+            epochs = args.frozen_epochs if name == FROZEN else args.epochs
             overrides = {"epochs": epochs, **({"batch_size": args.batch_size} if args.batch_size else {})}
-            params = get_family(family).resolve(overrides)
-            warm_up(family, params, size, args.weights, device)
+            params = family.resolve(overrides)
+            convolutional = has_convolutions(family.create_model(params, image_size=size))
+            for setting in settings if convolutional else settings[:1]:
+                variant = family if setting is None else dataclasses.replace(family, cudnn_benchmark=setting)
+                plain_epochs = args.plain_frozen_epochs if name == FROZEN else epochs
+                with tempfile.TemporaryDirectory(prefix="bench-features-") as feature_cache:
+                    forget_features()
+                    cold = project_trial(args, variant, params, data, Path(feature_cache), device)
+                    warm_up(name, params, size, args.weights, device)  # the plain path's, untimed
+                    warms, plains = [], []
+                    for _ in range(args.repeats):  # interleaved, so a burst of other work hits both alike
+                        warms.append(project_trial(args, variant, params, data, Path(feature_cache), device))
+                        plains.append(plain_trial(args, variant, params, data, plain_epochs, device))
+                forget_features()
+                warm = median_trial(warms)
+                plain, measured = statistics.median(p for p, _ in plains), plains[0][1]
 
-            with tempfile.TemporaryDirectory(prefix="bench-features-") as feature_cache:
-                project = project_trial(args, family, params, data, Path(feature_cache), device)
-                warm = project_trial(args, family, params, data, Path(feature_cache), device) if family == FROZEN else None
-            forget_features()
-            plain, measured = plain_trial(args, family, params, data, args.plain_frozen_epochs if family == FROZEN else epochs, device)
-
-            plain_text = f"{plain:.1f}" + ("" if measured == epochs else f" (extrapolated from {measured})")
-            ratio = f"{plain / project:.1f}x" + (f" ({plain / warm:.0f}x warm)" if warm else "")
-            rows.append([family, str(epochs), f"{project:.1f}", f"{warm:.1f}" if warm else "-", plain_text, ratio])
-            print(f"  {family}: project {project:.1f}s, warm {warm or 0:.1f}s, plain {plain:.1f}s "
-                  f"({measured} of {epochs} epochs measured)", flush=True)
+                cudnn = ("on" if variant.cudnn_benchmark else "off") if convolutional else "-"
+                plain_text = f"{plain:.1f}" + ("" if measured == epochs else f" (extrapolated from {measured})")
+                rows.append([name, str(epochs), str(params["batch_size"]), *([cudnn] if device.type == "cuda" else []),
+                             f"{cold.seconds:.1f}", f"{warm.seconds:.1f}", _pair(cold.first, warm.first),
+                             _pair(cold.later, warm.later), plain_text,
+                             f"{plain / warm.seconds:.1f}x ({plain / cold.seconds:.1f}x cold)"])
+                print(f"  {name}{f' (cudnn benchmark {cudnn})' if device.type == 'cuda' else ''}: project cold "
+                      f"{cold.seconds:.1f}s, warm {warm.seconds:.1f}s, plain {plain:.1f}s "
+                      f"({measured} of {epochs} epochs measured)", flush=True)
             if measured != epochs:
-                notes.append(f"{family}: plain s = build + {measured} measured epochs + their mean x {epochs - measured} "
+                notes.append(f"{name}: plain s = build + {measured} measured epochs + their mean x {epochs - measured} "
                              f"more epochs (linear extrapolation; --plain-frozen-epochs {epochs} measures it whole)")
 
     sizes = ", ".join(f"{s}px: {len(d.parts['train'])} train / {len(d.parts['val'])} val" for s, d in loaded.items())
     print(f"\none trial per model (build + train + validate every epoch), device {device}, "
-          f"plain DataLoader num_workers={args.workers} ({sizes})")
-    print_table(["model", "epochs", "project s", "project s (warm cache)", "plain s", "ratio (plain/project)"], rows)
-    if FROZEN in families:
-        notes.insert(0, f"{FROZEN}: project s starts from an empty feature cache and includes computing it "
-                        f"(feature_views augmented train views + validation); warm = same trial with features on disk, "
-                        f"in-memory cache emptied.")
+          f"{threads} intra-op thread(s), plain DataLoader num_workers={args.workers} ({sizes})"
+          + (f"; warm and plain: median of {args.repeats} runs" if args.repeats > 1 else ""))
+    print_table(["model", "epochs", "batch", *(["cudnn benchmark"] if device.type == "cuda" else []),
+                 "project cold s", "project warm s", "first epoch s (cold / warm)",
+                 "later epoch s, median (cold / warm)", "plain s", "ratio plain / project warm"], rows)
+    notes.insert(0, "cold = first trial of this model, batch size and image size in the process; warm = the same "
+                    "trial again; epoch seconds are the runner's own (train + validate).")
+    if FROZEN in names:
+        notes.insert(1, f"{FROZEN}: the cold trial starts from an empty feature cache and includes computing it "
+                        "(feature_views augmented train views + validation); the warm trial finds them in memory.")
     for note in notes:
         print(note)
 
