@@ -36,7 +36,7 @@ from data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, stratified_split
 from search.errors import UserError
 from search.family import get_family, parse_families
 from search.pipeline import DataConfig, load_parts, place
-from search.training import EVAL_BATCH_SIZE, autocast
+from search.training import autocast, eval_batch_cap
 
 # Where the benchmarks find their images and MobileNetV2 weights unless told with --data-root / --weights.
 DATA_ROOT_ENV = "STL10_SEARCH_BENCH_DATA"
@@ -81,7 +81,7 @@ class PlainBatches:
                                        generator=torch.Generator().manual_seed(seed), **common)
         eval_transform = plain_transforms(size, 0.0, 0.0, train=False)
         self.eval_loaders = {
-            name: DataLoader(PILImages(samples, eval_transform), batch_size=EVAL_BATCH_SIZE, shuffle=False, **common)
+            name: DataLoader(PILImages(samples, eval_transform), batch_size=eval_batch_cap(device), shuffle=False, **common)
             for name, samples in pil.items()
             if name != "train"
         }

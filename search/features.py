@@ -190,5 +190,6 @@ class FeatureBatches:
             yield view[index], self.labels["train"][index]
 
     def eval_batches(self, part: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Features are rows of 1,280 numbers: a head evaluates them fastest in large batches on any device."""
         features = self.eval_features[part]
         yield from padded_batches(features, self.labels[part], eval_batch_size(len(features), EVAL_BATCH_SIZE))

@@ -13,7 +13,7 @@ import torch
 from data import (DataError, ImageSet, TrainSampler, augment, eval_batch_size, load_images, normalize,
                   padded_batches, stratified_split)
 from search.errors import UserError
-from search.training import EVAL_BATCH_SIZE
+from search.training import eval_batch_cap
 
 # The DataConfig fields a study stores: every worker on every host reads the same images, split the same way.
 STORED_DATA_FIELDS = ("dataset", "data_root", "val_fraction", "split_seed", "image_size", "weights")
@@ -104,7 +104,7 @@ class Augmentation:
 
 def fixed_eval_batches(part: ImageSet, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(uint8 images, labels on `device`, n_valid) batches of one shape per part; padding rows are not real."""
-    size = eval_batch_size(len(part), EVAL_BATCH_SIZE)
+    size = eval_batch_size(len(part), eval_batch_cap(device))
     for x, y, n_valid in padded_batches(part.images, part.labels, size):
         yield x, y.to(device, non_blocking=True), n_valid
 

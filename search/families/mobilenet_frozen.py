@@ -4,7 +4,7 @@ from models import build_mobilenet
 from search.families._mobilenet import head_space
 from search.family import Family
 from search.space import choice
-from search.training import training_space
+from search.training import cached_augmentation_space, training_space
 
 FAMILY = Family(
     name="mobilenet_frozen",
@@ -17,7 +17,8 @@ FAMILY = Family(
         *head_space(fc1=(64, 1024), fc2=(16, 256)),
         choice("feature_views", 1, 2, 4, 8, default=4, limits=(1, 64),
                help="augmented views of the train images whose features are computed once"),
-        *training_space(lr=(1e-4, 1e-2), weight_decay=(1e-6, 1e-2), batch_sizes=(32, 64, 128, 256, 512), epochs=50),
+        *training_space(lr=(1e-4, 1e-2), weight_decay=(1e-6, 1e-2), batch_sizes=(32, 64, 128, 256, 512), epochs=50,
+                        augmentation=cached_augmentation_space()),
     ],
     reference={"fc1": 400, "fc2": 100, "dropout": 0.05, "head_input": "features", "image_size": 96, "feature_views": 4,
                "optimizer": "adam", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 128, "epochs": 30},
