@@ -21,6 +21,8 @@
 # --python PY (default .venv/bin/python if present, else python3).
 # The project need not be installed: the checkout goes first on PYTHONPATH and the CLI runs as
 # `$PY -m search.cli` (as on a box prepared with ../shared/tools/gpu-prep.sh, whose /tmp/site stays on it).
+# A box with only PyTorch also needs the wheels of tqdm, filelock and pytest (pluggy, iniconfig, packaging):
+#   ../shared/tools/gpu-prep.sh tqdm filelock pytest pluggy iniconfig packaging
 set -u
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
