@@ -76,14 +76,22 @@ class Checkpoint:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        """Write then rename, so a run killed mid-write leaves the previous epoch's file intact."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write then rename, so a run killed mid-write leaves the previous epoch's file intact.
+
+        A checkpoint that cannot be written (a full disk) costs a resume, not the run: a warning, no error.
+        """
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        torch.save({**state, "identity": self.identity}, temporary)
-        os.replace(temporary, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({**state, "identity": self.identity}, temporary)
+            os.replace(temporary, self.path)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            _log.warning("could not write checkpoint %s (%s); this run cannot resume from it", self.path, error)
 
     def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             self.path.unlink()
 
 

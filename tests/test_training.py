@@ -245,6 +245,15 @@ def test_a_run_that_fails_deletes_its_checkpoint(tiny_config, tmp_path) -> None:
     assert not checkpoint.path.exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_does_not_stop_the_run(tiny_config, tmp_path, caplog) -> None:
+    parts = load_parts(tiny_config, 32)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("the checkpoint folder would have to be inside this file")
+    checkpoint = Checkpoint(blocked / "trial-0.pt", {"trial": 0})
+    history = fit("logreg", _params("logreg", epochs=3), parts, tiny_config, CPU, checkpoint=checkpoint).history
+    assert len(history) == 3 and "could not write checkpoint" in caplog.text
+
+
 def test_an_unreadable_checkpoint_means_starting_over(tiny_config, tmp_path) -> None:
     parts = load_parts(tiny_config, 32)
     params = _params("logreg", epochs=2)
