@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from models.linear import two_hidden_layers
 from models.params import ParamError
 
 
@@ -31,15 +32,6 @@ def build_cnn(params: dict[str, Any], num_classes: int, image_size: int) -> nn.M
             pool(pool_size),
         ]
         channels_in = channels
-    fc1, fc2 = int(params["fc1"]), int(params["fc2"])
-    layers += [
-        nn.Flatten(),
-        nn.Linear(channels_in * size * size, fc1),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(fc1, fc2),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(fc2, num_classes),
-    ]
+    layers += [nn.Flatten(),
+               *two_hidden_layers(channels_in * size * size, int(params["fc1"]), int(params["fc2"]), dropout, num_classes)]
     return nn.Sequential(*layers)

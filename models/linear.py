@@ -9,6 +9,20 @@ from torch import nn
 from models.params import ParamError
 
 
+def two_hidden_layers(in_features: int, fc1: int, fc2: int, dropout: float, num_classes: int) -> list[nn.Module]:
+    """Linear(in, fc1), ReLU, Dropout, Linear(fc1, fc2), ReLU, Dropout, Linear(fc2, classes): the study's
+    classifier on top of the CNN's convolutions and of MobileNetV2's features alike."""
+    return [
+        nn.Linear(in_features, fc1),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(fc1, fc2),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(fc2, num_classes),
+    ]
+
+
 def build_logreg(num_classes: int, image_size: int) -> nn.Module:
     """Flatten, Linear(3*S*S, classes): softmax regression on raw pixels."""
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, num_classes))

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
+from models.linear import two_hidden_layers
+
 HEAD_INPUTS = ("features", "logits")
 FEATURE_WIDTH = {"features": 1280, "logits": 1000}
 IMAGENET_WEIGHTS = "imagenet"
@@ -95,17 +97,9 @@ class MobileNetClassifier(nn.Module):
 
 
 def build_head(params: dict[str, Any], in_features: int, num_classes: int) -> nn.Module:
-    """Linear(in, fc1), ReLU, Dropout, Linear(fc1, fc2), ReLU, Dropout, Linear(fc2, classes)."""
-    fc1, fc2, dropout = int(params["fc1"]), int(params["fc2"]), float(params["dropout"])
-    return nn.Sequential(
-        nn.Linear(in_features, fc1),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(fc1, fc2),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(fc2, num_classes),
-    )
+    """The study's head: `models.linear.two_hidden_layers` on the backbone's output."""
+    return nn.Sequential(*two_hidden_layers(in_features, int(params["fc1"]), int(params["fc2"]),
+                                            float(params["dropout"]), num_classes))
 
 
 def build_mobilenet(params: dict[str, Any], num_classes: int, weights: str | Path | None, frozen: bool) -> MobileNetClassifier:
