@@ -138,7 +138,8 @@ class StudyWork:
         seed = trial_seed(self.settings, trial)
         first_number = int(trial.user_attrs.get("first_number", trial.number))
         for key, value in {"seed": seed, "first_number": first_number, "params": params,
-                           "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(self.device)}.items():
+                           "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(self.device),
+                           "threads": torch.get_num_threads()}.items():
             trial.set_user_attr(key, value)
         epochs = int(params["epochs"])
 

@@ -219,3 +219,20 @@ def test_report_on_missing_or_empty_storage(tmp_path: Path, capsys: pytest.Captu
     _one_line_error(capsys, "no stl10-search studies")
     assert main(["best", "--storage", url]) == 2
     _one_line_error(capsys, "no stl10-search studies")
+
+
+def test_a_cpu_retrain_uses_the_trials_thread_count(searched: dict) -> None:
+    """Summation order on the CPU depends on the threads: the retrain must use the trial's to reproduce it."""
+    import optuna
+
+    from search.best import same_threads
+
+    trial = optuna.load_study(study_name="logreg", storage=searched["url"]).best_trial
+    assert trial.user_attrs["threads"] == torch.get_num_threads()  # the worker recorded its own
+    other = optuna.trial.create_trial(value=0.5, user_attrs={"threads": 2})
+    before = torch.get_num_threads()
+    with same_threads(other, torch.device("cpu")):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    with same_threads(other, torch.device("meta")):  # a GPU run is not made deterministic by threads
+        assert torch.get_num_threads() == before
