@@ -63,7 +63,8 @@ def add_study(url: str, family: str, data_root: Path, trials: list[tuple[TrialSt
         lr = 10 ** (-4 + number * 0.5)
         study.add_trial(create_trial(
             params={"lr": lr}, distributions={"lr": FloatDistribution(1e-5, 1e-1, log=True)}, state=state,
-            value=value, user_attrs={"params": {"lr": lr, "epochs": 3}, "trainable_parameters": size, "best_epoch": 3,
+            value=value, intermediate_values={1: PRUNED_AT[size]} if state == TrialState.PRUNED else {},
+            user_attrs={"params": {"lr": lr, "epochs": 3}, "trainable_parameters": size, "best_epoch": 3,
                                      "reason": "pruned at epoch 1" if state == TrialState.PRUNED else "completed",
                                      **({"reference": True} if number == reference else {})}))
     if result is not None:
@@ -72,6 +73,9 @@ def add_study(url: str, family: str, data_root: Path, trials: list[tuple[TrialSt
                                         "per_class_accuracy": [0.5, 0.5], "confusion_matrix": [[6, 6], [6, 6]],
                                         "params": {}, "full_train": False, "device": "cuda:0", **result})
     return study
+
+
+PRUNED_AT = {40_000: 0.58, 2_000_000: 0.35}  # validation accuracy of the pruned trials' one epoch, by size
 
 
 @pytest.fixture
@@ -97,10 +101,12 @@ def test_figure_has_every_model_and_the_front(three_models: str) -> None:
     assert legend == ["logistic regression", "fully connected net", "CNN", "Pareto front"]  # the families' order
     trials = {t.name: sorted(t.x) for t in figure.data if t.xaxis == "x" and t.marker.symbol is None and t.mode == "markers"}
     assert trials == {"logistic regression": [12_290, 12_290], "CNN": [50_000, 80_000],
-                      "fully connected net": [1_000_000, 3_000_000]}  # completed trials only, the pruned left out
+                      "fully connected net": [1_000_000, 3_000_000]}  # completed trials, filled
+    hollow = {t.name: (list(t.x), list(t.y)) for t in figure.data if t.marker.symbol == "circle-open"}
+    assert hollow == {"CNN": ([40_000], [0.58]), "fully connected net": ([2_000_000], [0.35])}  # pruned: hollow
     front = [t for t in figure.data if t.name == "Pareto front"]
     assert [(list(t.x), list(t.y), t.xaxis) for t in front] == [
-        ([12_290, 50_000, 80_000], [0.32, 0.60, 0.62], "x"),  # the trials' front
+        ([12_290, 50_000, 80_000], [0.32, 0.60, 0.62], "x"),  # the completed trials' front (not the pruned 40,000)
         ([0.002, 0.03], [0.31, 0.615], "x2")]  # the tested bests' front on latency
     stars = {(t.name, t.xaxis): list(t.y) for t in figure.data if t.marker.symbol == "star"}
     assert stars == {("logistic regression", "x"): [0.31], ("logistic regression", "x2"): [0.31],
@@ -174,12 +180,15 @@ def test_without_latency_or_completed_trials(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/studies.db"
     add_study(url, "mlp", tmp_path, [(TrialState.PRUNED, None, 2_000_000)])
     reports = collect(optuna.storages.RDBStorage(url), importances=False)
-    assert tradeoff_figure(reports) is None
+    only_pruned = tradeoff_figure(reports)
+    assert [t.marker.symbol for t in only_pruned.data if t.mode == "markers"] == ["circle-open"]
     assert smallest_line(reports) == "No model has a completed trial with a parameter count yet."
     assert "No model has a completed trial with a parameter count yet." in render_html(reports, [], {})
+    assert tradeoff_figure([]) is None  # no study at all: no figure
 
     add_study(url, "logreg", tmp_path, [(TrialState.COMPLETE, 0.3, 12_290)],
               result={"test_accuracy": 0.29, "trainable_parameters": 12_290})  # tested before latency was measured
     figure = tradeoff_figure(collect(optuna.storages.RDBStorage(url), importances=False))
-    assert [t.xaxis for t in figure.data] == ["x", "x", "x"]  # trials, star, front: nothing on the latency panel
+    assert [t.xaxis for t in figure.data] == ["x", "x", "x", "x"]  # mlp's pruned, logreg's trial and star, front
+    # and nothing on the latency panel
     assert "no latency stored yet" in figure.layout.annotations[-1].text

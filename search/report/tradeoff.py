@@ -1,6 +1,6 @@
 """Accuracy against size and latency across every model: the figure and table that open the report.
 
-Left panel: every completed trial (validation accuracy) against its trainable parameters, the retrained bests
+Left panel: every finished trial (validation accuracy; pruned ones hollow) against its trainable parameters, the retrained bests
 (test accuracy) highlighted, and the Pareto front of the trials as a step line. Right panel: the retrained
 bests against their inference latency per image at batch 256; trials are not timed at inference, so only the
 bests are there. The dashboard saves the same figure on every study (`search.dashboard.save_tradeoff_plots`).
@@ -21,9 +21,10 @@ from search.report.tables import Table, count_text, percent
 
 MARGIN = 0.01  # "within 1 point of the best": one percentage point of accuracy
 TITLE = "Accuracy against trainable parameters and latency, every model"
-CAPTION = ("Left: every completed trial of every model is a point, at its validation accuracy (pruned and failed "
-           "trials have no final accuracy and are left out); a star is a study's best trial retrained and scored "
-           "on test; the line is the Pareto front of the trials (no other trial is as small and more accurate). "
+CAPTION = ("Left: every finished trial of every model is a point at its validation accuracy: a filled point ran "
+           "its whole epoch budget, a hollow one was pruned early (its best accuracy before it stopped, an "
+           "underestimate, so it stays off the front); a star is a study's best trial retrained and scored on "
+           "test; the line is the Pareto front of the completed trials (no other is as small and more accurate). "
            "Right: the retrained bests against their inference time per image at batch 256 (trials are not "
            "timed at inference), with their own front. Both axes of size and time are logarithmic.")
 _PALETTE = plotly.colors.qualitative.Plotly
@@ -77,12 +78,17 @@ def smallest_within(points: Sequence[Point], margin: float = MARGIN) -> Point | 
     return min((p for p in points if p.accuracy >= floor), key=lambda p: (p.size, -p.accuracy))
 
 
-def trial_points(reports: list[StudyReport]) -> list[Point]:
-    """Every completed trial that recorded its trainable parameters."""
-    return [Point(r.name, r.title, t.number, int(t.user_attrs["trainable_parameters"]), float(t.value))
-            for r in reports for t in r.trials
-            if t.state == TrialState.COMPLETE and t.value is not None
-            and isinstance(t.user_attrs.get("trainable_parameters"), int) and t.user_attrs["trainable_parameters"] > 0]
+def trial_points(reports: list[StudyReport], state: TrialState = TrialState.COMPLETE) -> list[Point]:
+    """Every trial in `state` that recorded its trainable parameters and a validation accuracy: a completed
+    trial's value, a pruned one's best epoch before it stopped."""
+    points = []
+    for report in reports:
+        for trial in report.trials:
+            size = trial.user_attrs.get("trainable_parameters")
+            accuracy = trial.value if trial.value is not None else max(trial.intermediate_values.values(), default=None)
+            if trial.state == state and accuracy is not None and isinstance(size, int) and size > 0:
+                points.append(Point(report.name, report.title, trial.number, size, float(accuracy)))
+    return points
 
 
 def best_point(report: StudyReport, tested: bool = True) -> Point | None:
@@ -164,8 +170,9 @@ def _front(points: list[Point], cost: Callable[[Point], float], showlegend: bool
 def tradeoff_figure(reports: list[StudyReport]) -> go.Figure | None:
     """The two-panel figure, one colour per model; None when no model has a completed trial with a size."""
     trials = trial_points(reports)
+    pruned = trial_points(reports, TrialState.PRUNED)
     bests = [p for p in best_points(reports) if p.tested]
-    if not trials and not bests:
+    if not trials and not bests and not pruned:
         return None
     timed = [p for p in bests if p.latency_ms]
     figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06, subplot_titles=(
@@ -174,16 +181,21 @@ def tradeoff_figure(reports: list[StudyReport]) -> go.Figure | None:
     for index, report in enumerate(reports):
         colour = _PALETTE[index % len(_PALETTE)]
         own = [p for p in trials if p.study == report.name]
+        own_pruned = [p for p in pruned if p.study == report.name]
         best = [p for p in bests if p.study == report.name]
         best_timed = [p for p in timed if p.study == report.name]
         style = {"legendgroup": report.name, "name": report.title}
         if own:
             figure.add_trace(_scatter(own, _size, mode="markers", showlegend=True, **style,
                                       marker={"color": colour, "size": 8, "opacity": 0.6}), row=1, col=1)
+        if own_pruned:
+            hollow = {"color": colour, "size": 7, "symbol": "circle-open", "opacity": 0.6}
+            figure.add_trace(_scatter(own_pruned, _size, mode="markers", showlegend=not own, **style, marker=hollow),
+                             row=1, col=1)
         star = {"color": colour, "size": 16, "symbol": "star", "line": {"color": "black", "width": 1}}
         if best:
-            figure.add_trace(_scatter(best, _size, mode="markers", showlegend=not own, **style, marker=star),
-                             row=1, col=1)
+            figure.add_trace(_scatter(best, _size, mode="markers", showlegend=not (own or own_pruned), **style,
+                                      marker=star), row=1, col=1)
         if best_timed:
             figure.add_trace(_scatter(best_timed, _latency, mode="markers", showlegend=False, **style, marker=star),
                              row=1, col=2)
