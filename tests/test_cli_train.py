@@ -129,3 +129,13 @@ def test_diverged_run_says_so_without_a_traceback(
     assert re.match(r"stl10-search: .*diverged at epoch (\d+)", err.splitlines()[-1])
     epoch = int(re.search(r"diverged at epoch (\d+)", err).group(1))
     assert _epoch_rows(out) == list(range(1, epoch))
+
+
+def test_space_lists_each_parameter_with_its_range_reference_and_condition(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["space", "--model", "cnn"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert rows["channels_3"][1:3] == ["6..160", "(log)"] and rows["channels_3"][3] == "42"  # the study's 12/12/42
+    assert rows["channels_4"][-1] == "(conditional)"  # only in a net of 4 blocks
+    assert rows["lr_schedule"][1] == "{constant," and rows["epochs"][1:3] == ["60", "40"]
+    assert "cnn: CNN (built-in; default budget 30 trials)" in out

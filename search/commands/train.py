@@ -90,7 +90,7 @@ def run_space(args: argparse.Namespace) -> int:
             valid = ", ".join(dim.allowed) if dim.named else (
                 f"{dim.limits[0]:g}..{dim.limits[1]:g}" if dim.limits else "-")
             rows.append((dim.name, dim.describe(), str(reference.get(dim.name, "-")), valid,
-                         dim.help + (" (conditional)" if dim.when else "")))
+                         (dim.help + (" (conditional)" if dim.when else "")).strip()))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         print(f"{family.name}: {family.title} ({family.origin}; default budget {family.n_trials} trials)")
         for row in rows:
