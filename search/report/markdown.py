@@ -25,8 +25,8 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
              "Interactive plots (optimization history, importances, parallel coordinates) are in report.html.", "",
              "## Accuracy, size and latency across models", "",
              "Each model's best: test accuracy when retrained and tested, else validation accuracy. report.html "
-             "plots every completed trial's validation accuracy against its trainable parameters, the Pareto front, "
-             "and the tested bests against their latency.", "",
+             "plots every finished trial's validation accuracy against its trainable parameters (pruned ones hollow), "
+             "the Pareto front, and the tested bests against their latency.", "",
              markdown_table(tradeoff_table(reports)), "", smallest_line(reports), "",
              "## Summary", "", markdown_table(summary_table(reports)), ""]
     if pictures:

@@ -58,7 +58,7 @@ def summary_table(reports: list[StudyReport]) -> Table:
                str(r.counts.pruned), str(r.counts.failed), str(r.counts.interrupted), str(r.counts.waiting),
                duration(r.search_seconds)]
         if with_hand_found:
-            row += [_trial_outcome(r.reference_trial)]
+            row += [_trial_outcome(r, r.reference_trial)]
         if with_reference:
             ref = r.reference or {}
             row += [percent(ref.get("val_accuracy")), percent(ref.get("test_accuracy")),
@@ -67,11 +67,11 @@ def summary_table(reports: list[StudyReport]) -> Table:
     return headers, rows
 
 
-def _trial_outcome(trial: FrozenTrial | None) -> str:
-    """The validation accuracy of a completed trial, else its state ("pruned", "waiting", ...)."""
+def _trial_outcome(report: StudyReport, trial: FrozenTrial | None) -> str:
+    """The validation accuracy of a completed trial, else its state ("pruned", "interrupted", "waiting", ...)."""
     if trial is None:
         return "-"
-    return percent(trial.value) if trial.state == TrialState.COMPLETE else trial.state.name.lower()
+    return percent(trial.value) if trial.state == TrialState.COMPLETE else state_name(trial, report.requeued)
 
 
 def _setting(trial: FrozenTrial) -> dict[str, Any]:
@@ -97,8 +97,8 @@ def reference_table(report: StudyReport) -> Table:
         return "-" if trial is None else count_text(trial.user_attrs.get(key))
 
     rows = [["trial", f"#{reference.number}", f"#{best.number}" if best else "-", ""],
-            ["state", reference.state.name.lower(), best.state.name.lower() if best else "-", ""],
-            ["val acc", _trial_outcome(reference), percent(best.value) if best else "-", ""],
+            ["state", state_name(reference, report.requeued), "complete" if best else "-", ""],
+            ["val acc", _trial_outcome(report, reference), percent(best.value) if best else "-", ""],
             ["test acc", test_accuracy(reference), test_accuracy(best), ""],
             ["trainable params", column(reference, "trainable_parameters"), column(best, "trainable_parameters"), ""]]
     if trial_reason(reference) and reference.state != TrialState.COMPLETE:
