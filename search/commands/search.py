@@ -100,14 +100,14 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
     storage = None if path is not None and not path.exists() else open_from_args(args)[0]
     existing = set(existing_study_names(storage)) if storage is not None else set()
     requested = data_fields(data_config(args)) if data_given(args) else None
-    plans, identities = [], []
+    plans = []  # (study name, settings, the data identity a continued study stored)
     for name in names:
         family = get_family(name)
         full_name = study_name(name, args.study_prefix)
-        identities.append(None)
+        known = None
         if full_name in existing:
             old_study = optuna.load_study(study_name=full_name, storage=storage)
-            identities[-1] = old_study.user_attrs.get(DATA_ATTR)
+            known = old_study.user_attrs.get(DATA_ATTR)
             old = load_settings(old_study)
             settings = StudySettings(
                 family=name,
@@ -118,7 +118,6 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
                 space=spaces[name] if (args.space or args.param) else old.space,
                 data=requested or old.data,
                 family_file=family_file(family) or old.family_file,
-                uid=old.uid,
             )
         else:
             settings = StudySettings(
@@ -131,14 +130,14 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
                 data=requested or data_fields(data_config(args)),
                 family_file=family_file(family),
             )
-        plans.append((full_name, settings))
-    identities = [prepare_data(settings, args.cache_dir, known) for (_, settings), known in zip(plans, identities)]
+        plans.append((full_name, settings, known))
+    identities = [prepare_data(settings, args.cache_dir, known) for _, settings, known in plans]
     storage = storage or open_from_args(args)[0]
-    studies = [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings in plans]
+    studies = [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings, _ in plans]
     for study, identity in zip(studies, identities):
         study.set_user_attr(DATA_ATTR, identity)
     if getattr(args, "warm_start", None):
-        for study, (_, settings) in zip(studies, plans):
+        for study, (_, settings, _) in zip(studies, plans):
             warm_start(study, settings.dims(), settings.family, args.warm_start, args.warm_start_k, _log)
     return storage, url, studies
 
