@@ -43,6 +43,13 @@ class StopRequested(Interrupted):
         self.epoch = epoch
 
 
+class ClockStopped(Exception):
+    """The study's deadline passed: the trial ends at this epoch boundary as a result at fewer epochs."""
+
+    def __init__(self, epoch: int, epochs: int) -> None:
+        super().__init__(f"time budget: stopped after epoch {epoch} of {epochs} at the study's deadline")
+
+
 @dataclass(frozen=True)
 class Outcome:
     state: TrialState
@@ -114,6 +121,8 @@ class StudyWork:
             return self._run(trial, history, deadline)
         except optuna.TrialPruned as pruned:
             return Outcome(TrialState.PRUNED, None, str(pruned))
+        except ClockStopped as stopped:
+            return self._completed(trial, history, str(stopped))
         except Diverged as diverged:
             return Outcome(TrialState.PRUNED, None, str(diverged))
         except torch.OutOfMemoryError as error:
@@ -153,8 +162,7 @@ class StudyWork:
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: validation accuracy "
                                          f"{metrics.val_accuracy:.2%}")
             if deadline is not None and metrics.epoch < epochs and time.time() >= deadline:
-                raise optuna.TrialPruned(f"time budget: stopped after epoch {metrics.epoch} of {epochs} at the "
-                                         f"study's deadline; validation accuracy {metrics.val_accuracy:.2%}")
+                raise ClockStopped(metrics.epoch, epochs)
             if self.stop.is_set() and metrics.epoch < epochs:
                 raise StopRequested(metrics.epoch)
 
@@ -166,10 +174,14 @@ class StudyWork:
         finally:
             if checkpoint is not None and checkpoint.restored_epochs:
                 trial.set_user_attr("resumed_after_epoch", checkpoint.restored_epochs)
+        return self._completed(trial, history, f"completed {epochs} epochs")
+
+    @staticmethod
+    def _completed(trial: optuna.Trial, history: list[dict[str, float]], how: str) -> Outcome:
+        """A trial that ran to its end, or to the deadline: its value is its best epoch's validation accuracy."""
         best = max(history, key=lambda h: h["val_accuracy"])
         trial.set_user_attr("best_epoch", int(best["epoch"]))
-        return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"completed {epochs} epochs; best at epoch "
-                                                                   f"{int(best['epoch'])}")
+        return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"{how}; best at epoch {int(best['epoch'])}")
 
 
 @contextlib.contextmanager
