@@ -10,4 +10,8 @@ class UserError(Exception):
     """A bad command line, space file, storage URL or state that the user can fix."""
 
 
+class FamilyError(UserError):
+    """A model family that cannot build or run its model (a builder that raises, an output of the wrong shape)."""
+
+
 USER_ERRORS = (UserError, DataError, ParamError, WeightsError)

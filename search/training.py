@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from search.errors import UserError
+from search.errors import FamilyError, UserError
 from search.space import Dim, choice, integer, real
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -99,6 +99,15 @@ class Evaluation:
     loss: float
     accuracy: float
     predictions: torch.Tensor  # int64 [N] on the CPU
+
+
+def check_outputs(outputs: Any, batch: int, num_classes: int, who: str = "the model") -> None:
+    """A classifier's outputs are logits [batch, num_classes]: with more columns than classes, cross entropy
+    still runs and the accuracy is meaningless, so any other shape is a FamilyError."""
+    shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+    if shape != [batch, num_classes]:
+        raise FamilyError(f"{who} outputs {shape} for a batch of {batch}, expected [{batch}, {num_classes}] "
+                          "(batch, classes)")
 
 
 class BatchSource(Protocol):
@@ -219,8 +228,12 @@ def train_epoch(
     loss_fn,
     device: torch.device,
     on_batch: Callable[[], None] | None = None,
+    num_classes: int | None = None,
 ) -> tuple[float, float]:
-    """One pass of optimizer steps; returns (mean training loss, training accuracy), read once at the end."""
+    """One pass of optimizer steps; returns (mean training loss, training accuracy), read once at the end.
+
+    With `num_classes`, the first batch's logits are checked to be [batch, num_classes] (`check_outputs`).
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -228,6 +241,8 @@ def train_epoch(
     for x, y in batches:
         with autocast(device):
             logits = model(x)
+            if num_classes is not None and count == 0:
+                check_outputs(logits, len(y), num_classes)
             loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -174,7 +174,7 @@ def run_trial(
         for epoch in range(len(history) + 1, last + 1):
             started = time.perf_counter()
             train_loss, train_accuracy = train_epoch(trained, source.train_batches(epoch), optimizer, schedule,
-                                                     loss_fn, device, on_batch)
+                                                     loss_fn, device, on_batch, len(parts["train"].classes))
             if not math.isfinite(train_loss):
                 raise Diverged(epoch, train_loss)
             val = evaluate(trained, source.eval_batches("val"), loss_fn, device)

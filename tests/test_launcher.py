@@ -61,7 +61,8 @@ def fake_workers(tmp_path: Path):
             process.wait()
 
 
-def _wait_for(condition, what: str, timeout: float = 20) -> None:
+def _wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Poll `condition`; the timeout only guards against a hang, it bounds no speed."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -103,10 +104,8 @@ def test_a_failing_launcher_stops_its_workers(fake_workers, monkeypatch: pytest.
 
     monkeypatch.setattr(search.launcher, "progress_line", broken)
     processes, logs = fake_workers("exit", "ignore")
-    started = time.monotonic()
     with pytest.raises(RuntimeError, match="storage gone"):
         supervise(processes, [], None, interval=0.05, grace=1.0)
-    assert time.monotonic() - started < 10
     assert [p.poll() for p in processes] == [0, -signal.SIGKILL]  # one stopped on SIGTERM, one killed after grace
     assert all("TERM" in log.read_text() for log in logs)
 
@@ -114,8 +113,10 @@ def test_a_failing_launcher_stops_its_workers(fake_workers, monkeypatch: pytest.
 def test_ctrl_c_once_stops_workers_and_twice_kills_them(fake_workers, no_progress) -> None:
     processes, logs = fake_workers("ignore", "ignore")  # each still busy with its "epoch"
 
+    default = signal.getsignal(signal.SIGINT)
+
     def press_ctrl_c_twice() -> None:
-        time.sleep(0.3)
+        _wait_for(lambda: signal.getsignal(signal.SIGINT) is not default, "supervise to handle Ctrl-C")
         os.kill(os.getpid(), signal.SIGINT)
         _wait_for(lambda: all("TERM" in log.read_text() for log in logs), "SIGTERM to reach the workers")
         assert all(p.poll() is None for p in processes)
@@ -139,8 +140,8 @@ def test_the_watch_sets_stop_once_the_worker_is_orphaned(monkeypatch: pytest.Mon
     time.sleep(0.2)
     assert not stop.is_set()
     monkeypatch.setattr(os, "getppid", lambda: 1)  # adopted by init: the launcher died
-    assert stop.wait(5)
-    watcher.join(timeout=5)
+    assert stop.wait(60)
+    watcher.join(timeout=60)
 
 
 @pytest.mark.slow
@@ -190,3 +191,54 @@ def test_a_journal_takes_one_worker_and_the_launcher_says_so(tmp_path: Path) -> 
                       tmp_path / "logs")
     assert "SQLite" in str(caught.value) and "PostgreSQL" in str(caught.value)
     assert not (tmp_path / "logs").exists()  # refused before any worker started
+
+
+# --- workers sized to the machine ---------------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch):
+    """A machine of `cores` usable cores and `memory` bytes available: machine(2, 24 * GIB)."""
+
+    def set_machine(cores: int, memory: int | None) -> None:
+        monkeypatch.setattr(search.launcher, "usable_cores", lambda: cores)
+        monkeypatch.setattr(search.launcher, "available_memory", lambda: memory)
+
+    return set_machine
+
+
+def test_more_cpu_workers_than_cores_are_capped_with_a_warning(machine) -> None:
+    machine(2, 24 * GIB)
+    slots, warning = search.launcher.fit_to_machine([WorkerSlot("cpu", None, 1)] * 64, int(1.5 * GIB), 0, False)
+    assert [(s.device, s.threads) for s in slots] == [("cpu", 1), ("cpu", 1)]
+    assert warning == ("warning: 64 CPU workers do not fit this machine (2 usable core(s), 24.0 GiB available, about "
+                       "1.5 GiB per worker): starting 2; pass --oversubscribe to start 64 anyway")
+
+
+def test_cpu_workers_are_capped_by_memory_and_threads_fill_the_cores(machine) -> None:
+    machine(16, 4 * GIB)
+    slots, warning = search.launcher.fit_to_machine([WorkerSlot("cpu", None, 1)] * 8, int(1.5 * GIB), 0, False)
+    assert len(slots) == 2 and {s.threads for s in slots} == {8}  # workers x threads == cores
+    assert "starting 2" in warning
+    slots, warning = search.launcher.fit_to_machine([WorkerSlot("cpu", None, 1)] * 4, GIB // 2, 0, False)
+    assert len(slots) == 4 and {s.threads for s in slots} == {4} and warning is None
+
+
+def test_oversubscribe_starts_every_worker_asked_for_and_says_so(machine) -> None:
+    machine(2, 24 * GIB)
+    slots, warning = search.launcher.fit_to_machine([WorkerSlot("cpu", None, 1)] * 6, GIB, 0, True)
+    assert len(slots) == 6 and {s.threads for s in slots} == {1}
+    assert "starting all 6 as asked (--oversubscribe)" in warning
+
+
+def test_workers_per_gpu_are_capped_by_the_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 16 * GIB}))
+    slots = [WorkerSlot("cuda:0", gpu, None) for gpu in ("0", "1") for _ in range(4)]
+    fitted, warning = search.launcher.fit_to_machine(slots, GIB, 4 * GIB, False)  # 5 GiB a slot: 3 fit
+    assert [s.visible_gpu for s in fitted] == ["0", "0", "0", "1", "1", "1"]
+    assert warning == ("warning: 4 workers per GPU do not fit its 16 GiB (about 5.0 GiB each): starting 3 per GPU; "
+                       "pass --oversubscribe to start 4 anyway")

@@ -182,6 +182,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
     parser.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1); "
                                                     "0 creates the studies only")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="start every worker asked for, even more than the cores, memory or GPU memory hold "
+                             "(default: warn and start as many as fit)")
     parser.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
     parser.add_argument("--time-budget", type=duration, metavar="DURATION",
                         help="wall time for the whole search, e.g. 30m or 2h, shared by all workers and split over "

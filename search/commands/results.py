@@ -11,9 +11,10 @@ import optuna
 from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
 from search.commands.options import host_data_overrides, models, storage_url
 from search.errors import USER_ERRORS, UserError
+from search.family import get_family
 from search.pipeline import resolve_device
 from search.storage import artifact_dir, open_storage, redact, storage_file
-from search.studies import existing_study_names, load_stored_families, study_name
+from search.studies import existing_study_names, load_settings, load_stored_families, study_name
 
 
 def _log(message: str) -> None:
@@ -69,6 +70,13 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
                 _log(f"[{name}] trial #{trial.number} already tested; printing the stored result (--force retrains)")
         except USER_ERRORS as error:
             problems.append(str(error))
+            continue
+        except Exception as error:  # noqa: BLE001 - a family's own code failed; ours would be a bug, raised
+            family = get_family(load_settings(study).family)
+            if family.origin == "built-in":
+                raise
+            problems.append(f"[{name}] retraining failed in model family {family.name} ({family.origin}): "
+                            f"{type(error).__name__}: {' '.join(str(error).split())}")
             continue
         print(format_result(name, result), flush=True)
         tested += 1
@@ -138,6 +146,13 @@ def _best_device(gpus: str | None) -> str:
     return f"cuda:{gpus.split(',')[0].strip()}"
 
 
+def _has_finished_trial(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    if name not in existing_study_names(storage):
+        return False
+    study = optuna.load_study(study_name=name, storage=storage)
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
 def run_run(args: argparse.Namespace) -> int:
     """Search, then retrain-and-test, then report; run again after an interruption and it continues."""
     from search.commands.search import run_search
@@ -146,9 +161,13 @@ def run_run(args: argparse.Namespace) -> int:
     if code == 130:
         _log("interrupted: run the same command again to continue where it stopped")
         return 130
-    if code != 0:
-        _log("some workers failed; testing and reporting what finished")
     storage, url = open_existing(args)
+    if code != 0:
+        finished = [name for name in models(args) if _has_finished_trial(storage, study_name(name, args.study_prefix))]
+        if not finished:
+            _log("stl10-search: the search finished no trial (see above): nothing to retrain or report")
+            return code
+        _log(f"the search had failures (see above); retraining and reporting what finished: {', '.join(finished)}")
     _, problems = test_best(args, storage, url, _best_device(args.gpus))
     for problem in problems:
         _log(f"skipped: {problem}")

@@ -13,12 +13,12 @@ from typing import Any
 import optuna
 import torch
 
-from models import load_mobilenet_v2
 from search.commands.options import (data_config, data_given, host_data_overrides, models, parse_assignments,
                                      storage_url)
 from search.errors import UserError
 from search.family import Family, get_family
-from search.launcher import check_worker_count, plan_workers, start_workers, summary_table, supervise, watch_launcher
+from search.launcher import (check_worker_count, fit_to_machine, plan_workers, search_failures, start_workers,
+                             summary_table, supervise, watch_launcher, worker_log, worker_memory_estimate)
 from search.pipeline import data_identity, load_parts, resolve_device
 from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
@@ -74,17 +74,21 @@ def family_file(family: Family) -> str | None:
 
 
 def prepare_data(settings: StudySettings, cache_dir: Path | None, expect: dict[str, Any] | None) -> dict[str, Any]:
-    """Download and decode the data once, and fetch pretrained weights, before any worker starts.
+    """Download and decode the data once, and check the family's model on it, before any worker starts.
 
-    Returns the data's identity; a continued study's data must still match the one it stored (`expect`).
+    The model is built (which fetches its pretrained weights the family's own way, once) and run on one batch
+    at every image size the study searches (`Family.check`). Returns the data's identity; a continued study's
+    data must still match the one it stored (`expect`).
     """
     config = settings.data_config(cache_dir=cache_dir)
     family = settings.model_family()
-    sizes = {d.name: d for d in settings.dims()}.get("image_size")
+    dims = settings.dims()
+    params = family.relevant({**{d.name: d.default for d in dims}, **family.reference_trial(dims)})
+    sizes = {d.name: d for d in dims}.get("image_size")
     for size in (sizes.choices or (sizes.low,)) if sizes else (family.size_for({}, config.image_size),):
         parts = load_parts(config, int(size), expect=expect)
-    if family.pretrained:
-        load_mobilenet_v2(config.weights)
+        family.check({**params, **({"image_size": int(size)} if sizes else {})},
+                     num_classes=len(parts["train"].classes), image_size=int(size), weights=config.weights)
     return expect or data_identity(parts["train"], parts["val"])
 
 
@@ -173,6 +177,18 @@ def start_clock(args: argparse.Namespace, names: list[str], studies: list[optuna
          "time to the next")
 
 
+def images_bytes(studies: list[optuna.Study]) -> int:
+    """The most bytes of uint8 train images a worker holds for one study: images x 3 x side^2 at its largest size."""
+    largest = 0
+    for study in studies:
+        settings, identity = load_settings(study), study.user_attrs.get(DATA_ATTR) or {}
+        family = settings.model_family()
+        sizes = {d.name: d for d in settings.dims()}.get("image_size")
+        side = max(sizes.choices or (sizes.high,)) if sizes else family.size_for({}, settings.data.get("image_size"))
+        largest = max(largest, sum(identity.get("images_per_class", [])) * 3 * int(side) ** 2)
+    return largest
+
+
 def worker_arguments(args: argparse.Namespace) -> list[str]:
     """What every launched worker needs besides the storage URL (passed in its environment)."""
     extra = ["--study-prefix", args.study_prefix]
@@ -199,18 +215,21 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"studies created; start workers with: stl10-search worker --model {','.join(names)} --storage URL",
               file=sys.stderr)
         return 0
+    slots, warning = fit_to_machine(slots, worker_memory_estimate(), images_bytes(studies), args.oversubscribe)
+    if warning:
+        _log(warning)
     devices = ", ".join(sorted({f"GPU {s.visible_gpu}" if s.visible_gpu else "CPU" for s in slots}))
     log_dir = Path(args.log_dir)
     print(f"starting {len(slots)} worker(s) on {devices}; logs in {log_dir}/", file=sys.stderr)
     processes = start_workers(slots, names, url, worker_arguments(args), log_dir)
     interrupts = supervise(processes, studies, storage)
     print(summary_table(studies, storage))
-    failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
-    if failed and not interrupts:
-        print(f"worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/worker-N.log",
-              file=sys.stderr)
-        return 1
-    return 130 if interrupts else 0
+    if interrupts:
+        return 130
+    problems = search_failures(processes, [worker_log(log_dir, i) for i in range(len(processes))], studies)
+    for problem in problems:
+        _log(f"stl10-search: {problem}")
+    return 1 if problems else 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
