@@ -89,10 +89,8 @@ def test_worker_on_a_study_whose_budget_is_met_leaves_at_once(tiny_search) -> No
     url = tiny_search.sqlite_url
     tiny_search.create(url, 2)
     _work(tiny_search, url)
-    started = time.monotonic()
     done, lines = _work(tiny_search, url)
-    assert done == {"logreg": 0} and lines == []  # not even the data are loaded
-    assert time.monotonic() - started < 5
+    assert done == {"logreg": 0} and lines == []  # not even the data are loaded, nor a trial waited for
     assert len(tiny_search.trials(url)) == 2
 
 
