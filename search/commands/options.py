@@ -16,6 +16,7 @@ from data import DATASETS
 from search.errors import UserError
 from search.family import families, load_family_file, parse_families
 from search.pipeline import STORED_DATA_FIELDS, DataConfig, default_cache_dir
+from search.sampling import PRUNERS, SAMPLERS
 from search.space import parse_value
 from search.storage import DEFAULT_STORAGE
 
@@ -156,8 +157,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefix with a model to target one (cnn.n_conv=3); repeatable; see `stl10-search space`")
     parser.add_argument("--space", type=Path, help="TOML file: one [model] table of fixed values, {low, high} ranges or lists")
     parser.add_argument("--enqueue-reference", action="store_true", help="run the study's hand-found settings first")
-    parser.add_argument("--sampler", default=None, help="tpe (default), random or gp")
-    parser.add_argument("--pruner", default=None, help="hyperband (default), halving, median or none")
+    parser.add_argument("--sampler", default=None, choices=SAMPLERS.names(), help=SAMPLERS.describe())
+    parser.add_argument("--pruner", default=None, choices=PRUNERS.names(), help=PRUNERS.describe())
     parser.add_argument("--seed", type=int, default=None, help="study seed (default 0)")
     parser.add_argument("--checkpoint-dir", type=Path, help="save each trial's last epoch; a re-run trial resumes there")
     parser.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between trial heartbeats (default 30)")

@@ -20,9 +20,10 @@ from search.family import Family, get_family
 from search.launcher import (check_worker_count, fit_to_machine, plan_workers, search_failures, start_workers,
                              summary_table, supervise, watch_launcher, worker_log, worker_memory_estimate)
 from search.pipeline import data_identity, load_parts, resolve_device
+from search.sampling import PRUNERS, SAMPLERS
 from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
-from search.studies import (DATA_ATTR, ENDED_ATTR, PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields,
+from search.studies import (DATA_ATTR, ENDED_ATTR, StudySettings, create_or_update, data_fields,
                             existing_study_names, load_settings, set_deadlines, study_name)
 from search.warmstart import warm_start
 from search.worker import work
@@ -46,16 +47,9 @@ def space_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dic
     return per_family
 
 
-def check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:
-    if value is not None and value not in choices:
-        raise UserError(f"{flag} {value!r} is unknown; choose from {', '.join(choices)}")
-
-
 def validate_common(args: argparse.Namespace) -> None:
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
-    check_choice(args.sampler, SAMPLERS, "--sampler")
-    check_choice(args.pruner, PRUNERS, "--pruner")
     for flag, value in (("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1 second, got {value}")
@@ -127,8 +121,8 @@ def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str,
             settings = StudySettings(
                 family=name,
                 n_trials=args.n_trials or (None if getattr(args, "time_budget", None) else family.n_trials),
-                sampler=args.sampler or "tpe",
-                pruner=args.pruner or "hyperband",
+                sampler=args.sampler or SAMPLERS.default,
+                pruner=args.pruner or PRUNERS.default,
                 seed=0 if args.seed is None else args.seed,
                 space=spaces[name],
                 data=requested or data_fields(data_config(args)),
