@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import site
 import subprocess
@@ -24,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
+from search.progress import ProgressDisplay, StudyStatus, summary_lines
 from search.studies import ENDED_ATTR, count_trials, counts_of, requeued_numbers, search_seconds
 from search.storage import storage_kind
 
@@ -197,23 +197,11 @@ def start_workers(slots: list[WorkerSlot], models: list[str], url: str, extra_ar
     return processes
 
 
-def progress_line(studies: list[optuna.Study], storage) -> str:
-    parts = []
-    for study in studies:
-        counts = count_trials(storage, study)
-        best = best_value(study)
-        parts.append(f"{study.study_name}: {finished_text(counts.finished, study)} done, {counts.pruned} pruned, "
-                     f"{counts.failed} failed, {counts.running} running"
-                     + (f", {counts.waiting} queued" if counts.waiting else "")
-                     + (f", {counts.interrupted} interrupted" if counts.interrupted else "")
-                     + (f", best {best:.1%}" if best is not None else ""))
-    return " | ".join(parts)
-
-
-def finished_text(finished: int, study: optuna.Study) -> str:
-    """"7/20" against the study's trial budget, or "7" when only a time budget ends it."""
-    budget = study.user_attrs.get("settings", {}).get("n_trials")
-    return f"{finished}/{budget}" if budget else str(finished)
+def study_status(study: optuna.Study, storage) -> StudyStatus:
+    """The study as the progress display shows it, read from the storage now."""
+    attrs = study.user_attrs
+    return StudyStatus(study.study_name, (attrs.get("settings") or {}).get("n_trials"), count_trials(storage, study),
+                       best_value(study), attrs.get("deadline"))
 
 
 def best_value(study: optuna.Study) -> float | None:
@@ -247,37 +235,19 @@ def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], st
                     p.kill()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    tty = sys.stderr.isatty()
-    last, last_print = "", 0.0
+    display = ProgressDisplay()
     try:
         while any(p.poll() is None for p in processes):
             time.sleep(interval)
-            line = progress_line(studies, storage)
-            now = time.monotonic()
-            if tty:
-                width = max(terminal_columns() - 1, 20)
-                print("\r" + line[:width].ljust(width), end="", file=sys.stderr, flush=True)
-            elif line != last or now - last_print > 60:
-                print(line, file=sys.stderr, flush=True)
-                last_print = now
-            last = line
-        if tty:
-            print(file=sys.stderr)
+            display.show([study_status(study, storage) for study in studies])
     except BaseException:
         stop_workers(processes, grace)
         raise
     finally:
+        display.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return interrupts
-
-
-def terminal_columns() -> int:
-    """The width of stderr's terminal, where progress goes; stdout may be a pipe (`search ... | tee log`)."""
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns or shutil.get_terminal_size().columns
-    except (OSError, ValueError, AttributeError):  # stderr replaced by an object without a terminal behind it
-        return shutil.get_terminal_size().columns
 
 
 def stop_workers(processes: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
@@ -356,19 +326,19 @@ def search_failures(processes: list[subprocess.Popen], log_paths: list[Path], st
 
 
 def summary_table(studies: list[optuna.Study], storage) -> str:
-    """Per study what its trials became, the best, and why the search ended. Failed is for settings that could
-    not run; interrupted trials (Ctrl-C, a worker that died) were queued again and count apart."""
-    rows = [("study", "finished", "complete", "pruned", "failed", "interrupted", "queued", "best val acc",
-             "best trial", "search time", "ended")]
+    """Per study what its trials became, the best, and why the search ended, in 100 columns. Failed is for
+    settings that could not run; interrupted trials (Ctrl-C, a worker that died) were queued again."""
+    rows = [("study", "finished", "complete", "pruned", "failed", "interrupted", "queued", "best val", "trial",
+             "minutes")]
+    notes = []
     for study in studies:
         trials = study.get_trials(deepcopy=False)
         counts, span = counts_of(trials), search_seconds(trials)
         best = best_value(study)
-        best_number = study.best_trial.number if best is not None else None
-        rows.append((study.study_name, finished_text(counts.finished, study), str(counts.complete),
-                     str(counts.pruned), str(counts.failed), str(counts.interrupted), str(counts.waiting),
-                     f"{best:.2%}" if best is not None else "-", f"#{best_number}" if best_number is not None else "-",
-                     f"{span / 60:.1f} min", study.user_attrs.get(ENDED_ATTR) or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i in (0, len(r) - 1) else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows)
+        status = StudyStatus(study.study_name, (study.user_attrs.get("settings") or {}).get("n_trials"), counts,
+                             best, None)
+        rows.append((study.study_name, status.finished, str(counts.complete), str(counts.pruned), str(counts.failed),
+                     str(counts.interrupted), str(counts.waiting), f"{best:.2%}" if best is not None else "-",
+                     f"#{study.best_trial.number}" if best is not None else "-", f"{span / 60:.1f}"))
+        notes.append(f"{study.study_name} ended: {study.user_attrs.get(ENDED_ATTR) or '-'}")
+    return summary_lines(rows, notes)

@@ -7,7 +7,9 @@ the launcher starts real ones (own session), so each test runs in a second or tw
 from __future__ import annotations
 
 import fcntl
+import io
 import os
+import re
 import select
 import signal
 import struct
@@ -21,7 +23,10 @@ from pathlib import Path
 import pytest
 
 import search.launcher
+import search.progress
 from search.errors import UserError
+from search.progress import ProgressDisplay, StudyStatus
+from search.studies import Counts
 from search.launcher import LAUNCHER_PID_ENV, WorkerSlot, check_worker_count, start_workers, supervise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,22 +74,33 @@ def _wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+STATUSES = [StudyStatus("logreg", 20, Counts(complete=5, pruned=2, running=2), 0.312, None),
+            StudyStatus("cnn", 4, Counts(running=1), None, None),
+            StudyStatus("mobilenet_finetune", None, Counts(complete=1, failed=1), 0.871, None)]
+
+
 @pytest.fixture
 def no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(search.launcher, "progress_line", lambda studies, storage: "logreg: 1/4 done")
+    statuses = iter(STATUSES * 1000)
+    monkeypatch.setattr(search.launcher, "study_status", lambda study, storage: next(statuses))
 
 
-def test_progress_on_a_terminal_stderr_while_stdout_is_a_pipe(tmp_path: Path, monkeypatch, no_progress) -> None:
-    """`stl10-search search ... | tee log`: the width comes from stderr's terminal, not stdout's (a pipe)."""
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_progress_on_an_80_column_terminal_shows_every_study_while_stdout_is_a_pipe(
+        tmp_path: Path, monkeypatch, no_progress) -> None:
+    """`stl10-search search ... | tee log` on 80 columns: a bar per study, stacked, none cut off or wrapped."""
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     saved_stdout, (pipe_read, pipe_write) = os.dup(1), os.pipe()
     terminal = open(slave, "w", closefd=False)
     monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "80")
     os.dup2(pipe_write, 1)
     try:
         worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"], start_new_session=True)
-        assert supervise([worker], [], None, interval=0.05) == 0
+        assert supervise([worker], [object()] * 3, None, interval=0.05) == 0
     finally:
         os.dup2(saved_stdout, 1)
         for fd in (saved_stdout, pipe_read, pipe_write):
@@ -95,17 +111,55 @@ def test_progress_on_a_terminal_stderr_while_stdout_is_a_pipe(tmp_path: Path, mo
         shown += os.read(master, 65536)
     os.close(slave)
     os.close(master)
-    assert "\rlogreg: 1/4 done".ljust(100).encode() in shown  # padded to the terminal's 100 columns, less one
+    segments = [ANSI.sub("", part) for part in re.split(r"[\r\n]", shown.decode())]
+    assert max(len(part) for part in segments) <= 80
+    for name, counts in (("logreg", "7/20"), ("cnn", "0/4"), ("mobilenet_finetune", " 1, 1 ok")):
+        assert any(part.startswith(name) and counts in part for part in segments), name
+    assert any(part.startswith("search: ") and "elapsed, ETA" in part for part in segments)
+
+
+def test_progress_without_a_terminal_is_plain_timestamped_lines_per_change(no_progress) -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(stream, quiet_seconds=3600)
+    display.show(STATUSES)
+    display.show(STATUSES)  # nothing changed: nothing written
+    changed = [STATUSES[0], StudyStatus("cnn", 4, Counts(complete=1), 0.4, None), STATUSES[2]]
+    display.show(changed)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", stream.getvalue())
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in lines)
+    assert lines[-1].endswith("cnn: 1/4 finished (1 ok, 0 pruned, 0 failed, 0 running), best 40.0%; ETA 0:00")
+
+
+def test_the_eta_follows_the_trial_rate_and_stops_at_the_deadline(monkeypatch) -> None:
+    rates = search.progress.Rates()
+    running = StudyStatus("cnn", 10, Counts(running=2), None, None)
+    assert rates.eta(running, now=100.0) is None  # no trial finished yet: no rate
+    assert rates.eta(StudyStatus("cnn", 10, Counts(complete=2, running=2), None, None), now=160.0) == 240.0
+    monkeypatch.setattr(search.progress.time, "time", lambda: 1000.0)
+    assert rates.eta(StudyStatus("cnn", 10, Counts(complete=2), None, 1100.0), now=160.0) == 100.0
+
+
+def test_the_closing_summary_fits_100_columns(tmp_path: Path) -> None:
+    import optuna
+
+    study = optuna.create_study(study_name="a-long-prefix-for-the-studies-mobilenet_finetune", direction="maximize")
+    study.set_user_attr("settings", {"n_trials": 120})
+    study.set_user_attr("ended", "trial budget met (120 finished) " + "and a very long explanation " * 5)
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    text = search.launcher.summary_table([study], None)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "1/120" in text and "50.00%" in text and "and a very long explanation" in text
 
 
 def test_a_failing_launcher_stops_its_workers(fake_workers, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(studies, storage) -> str:
+    def broken(study, storage) -> StudyStatus:
         raise RuntimeError("storage gone")
 
-    monkeypatch.setattr(search.launcher, "progress_line", broken)
+    monkeypatch.setattr(search.launcher, "study_status", broken)
     processes, logs = fake_workers("exit", "ignore")
     with pytest.raises(RuntimeError, match="storage gone"):
-        supervise(processes, [], None, interval=0.05, grace=1.0)
+        supervise(processes, [object()], None, interval=0.05, grace=1.0)
     assert [p.poll() for p in processes] == [0, -signal.SIGKILL]  # one stopped on SIGTERM, one killed after grace
     assert all("TERM" in log.read_text() for log in logs)
 

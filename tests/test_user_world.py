@@ -3,8 +3,15 @@ through the installed command, and with a search that goes wrong in ordinary way
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import select
+import shlex
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -125,3 +132,47 @@ def test_workers_that_die_are_reported_with_their_error_and_real_log_file(tmp_pa
     (problem,) = search_failures(processes, logs, [])
     assert problem == (f"2 of 2 worker(s) exited with an error: ImportError: cannot import name 'DATASETS' "
                        f"(2 of them); see {logs[0].resolve()}")
+
+
+def _three_model_search(tiny_imagefolder: Path, folder: Path) -> list[str]:
+    return [str(COMMAND), "search", "--model", "logreg,mlp,cnn", "--n-trials", "1", "--param", "epochs=1",
+            "--param", "mlp.width_1=64", "--workers", "1", "--dataset", "imagefolder", "--data-root",
+            str(tiny_imagefolder), "--image-size", "16", "--cache-dir", str(folder / "cache"),
+            "--storage", f"sqlite:///{folder / 'studies.db'}", "--log-dir", str(folder / "logs")]
+
+
+@pytest.mark.slow
+def test_search_piped_into_cat_shows_every_model_in_plain_lines(tiny_imagefolder: Path, tmp_path: Path) -> None:
+    done = _run(["bash", "-c", " ".join(map(shlex.quote, _three_model_search(tiny_imagefolder, tmp_path)))
+                 + " 2>&1 | cat"], cwd=tmp_path)
+    assert done.returncode == 0, done.stdout
+    assert "\r" not in done.stdout and "\x1b" not in done.stdout
+    for model in ("logreg", "mlp", "cnn"):
+        assert re.search(rf"^\[\d\d:\d\d:\d\d\] {model}: 1/1 finished", done.stdout, re.MULTILINE), model
+
+
+@pytest.mark.slow
+def test_search_on_an_80_column_terminal_shows_every_model(tiny_imagefolder: Path, tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(_three_model_search(tiny_imagefolder, tmp_path), cwd=tmp_path, stdin=slave,
+                               stdout=slave, stderr=slave, env=dict(os.environ, TERM="xterm"), start_new_session=True)
+    os.close(slave)
+    shown = b""
+    while True:
+        ready = select.select([master], [], [], 1.0)[0]
+        try:
+            chunk = os.read(master, 65536) if ready else b""
+        except OSError:  # the terminal closed: the process is gone
+            break
+        shown += chunk
+        if not ready and process.poll() is not None:
+            break
+    os.close(master)
+    assert process.wait(timeout=60) == 0, shown.decode(errors="replace")[-3000:]
+    progress = shown.decode().partition("study ")[0]  # what came before the closing summary table
+    visible = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", part) for part in re.split(r"[\r\n]", progress)]
+    bars = [part for part in visible if re.match(r"(logreg|mlp|cnn) +\d|search: ", part)]
+    assert bars and max(map(len, bars)) <= 80  # a progress line never wraps, so the bars redraw in place
+    for model in ("logreg", "mlp", "cnn"):
+        assert any(re.match(rf"{model} +1/1 ", part) for part in bars), model

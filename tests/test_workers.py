@@ -164,7 +164,7 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
     counts = counts_of([interrupted, queued])
     assert (counts.failed, counts.interrupted, counts.waiting) == (0, 1, 1)  # a Ctrl-C is no failed setting
     study = optuna.load_study(study_name="logreg", storage=open_storage(url))
-    header, row = summary_table([study], study._storage).splitlines()
+    header, row, ended = summary_table([study], study._storage).splitlines()
     assert dict(zip(header.split()[:7], row.split()[:7])) == {
         "study": "logreg", "finished": "0/2", "complete": "0", "pruned": "0", "failed": "0", "interrupted": "1",
         "queued": "1"}
@@ -315,9 +315,10 @@ def test_search_launches_workers_and_prints_the_summary(tiny_search, tmp_path, c
     captured = capsys.readouterr()
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("worker-*.log")))
     assert code == 0, captured.err + logs
-    header, row = captured.out.strip().splitlines()
+    header, row, ended = captured.out.strip().splitlines()
     assert header.split()[:5] == ["study", "finished", "complete", "pruned", "failed"]
     assert row.split()[:2] == ["logreg", "4/4"]
+    assert ended == "logreg ended: trial budget met (4 finished)"
     assert "starting 2 worker(s) on CPU" in captured.err
     assert len(list((tmp_path / "logs").glob("worker-*.log"))) == 2
     assert sum(t.state in FINISHED for t in tiny_search.trials(tiny_search.sqlite_url)) == 4
