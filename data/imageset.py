@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class DataError(Exception):
-    """A user-facing data problem; str(e) is one actionable line (folder, file, expected size, how to fix)."""
+from data.errors import DataError  # noqa: F401 - re-exported
 
 
 def fingerprint_of(*parts: object) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from data import DataError
-from models import ParamError, WeightsError
+from data.errors import DataError
+from models.errors import ParamError, WeightsError
 
 
 class UserError(Exception):

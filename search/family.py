@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from search.errors import USER_ERRORS, FamilyError, UserError
+from search.families import ENTRY_POINT_GROUP
 from search.space import Dim, customize, relevant
 from search.training import check_outputs
 
-ENTRY_POINT_GROUP = "stl10_search.families"
 Builder = Callable[[dict[str, Any], int, int, "str | None"], nn.Module]  # (params, num_classes, image_size, weights)
 
 _log = logging.getLogger(__name__)

@@ -30,16 +30,15 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from search.environment import ARTIFACTS_ENV, DEFAULT_STORAGE  # noqa: F401 - DEFAULT_STORAGE re-exported
 from search.errors import UserError
 
-DEFAULT_STORAGE = "sqlite:///studies.db"
 SQLITE_BUSY_TIMEOUT_S = 120
 LOCK_TIMEOUT_S = 120  # how long a process waits for another to finish creating a storage or starting a trial
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
 MAX_RETRIES = 3
 RETRY_SECONDS = 60.0  # how long a storage call is tried again before its error is raised
-ARTIFACTS_ENV = "STL10_SEARCH_ARTIFACTS"
 CREATION_LOCK_KEY = 0x5354_4C31_3053  # PostgreSQL advisory lock held while a process creates Optuna's tables
 T = TypeVar("T")
 

@@ -11,7 +11,9 @@ import optuna
 import pytest
 import torchvision.datasets
 
+from conftest import REPO_ROOT
 from search.cli import main
+from search.family import get_family
 
 
 def _no_study_in(db: Path) -> bool:
@@ -157,3 +159,42 @@ def test_bad_input_from_the_installed_command_is_one_line_without_traceback(tmp_
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "secret" not in result.stderr
     assert "stl10-search: error: cannot open storage postgresql://u:***@127.0.0.1:1/db" in result.stderr
+
+
+def test_help_imports_neither_torch_nor_optuna_nor_plotly() -> None:
+    """--help of every command answers at once: the parser is built without the heavy packages."""
+    code = ("import sys, contextlib, io\n"
+            "from search.cli import build_parser, main\n"
+            "for argv in (['--help'], ['search', '--help'], ['best', '--help'], ['run', '--help'], ['space', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "print(sorted(m for m in ('torch', 'optuna', 'plotly', 'sqlalchemy', 'torchvision') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_version_and_the_model_list_in_help(capsys) -> None:
+    import importlib.metadata
+
+    from search.family import families
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stl10-search {importlib.metadata.version('stl10-search')}"
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in families() if get_family(name).origin == "built-in")
+
+
+def test_common_flags_take_their_defaults_from_the_environment(monkeypatch) -> None:
+    from search.cli import build_parser
+
+    monkeypatch.setenv("STL10_SEARCH_DEVICE", "cpu")
+    monkeypatch.setenv("STL10_SEARCH_CACHE_DIR", "/tmp/cache-from-env")
+    monkeypatch.setenv("STL10_SEARCH_DATA_ROOT", "/tmp/data-from-env")
+    args = build_parser().parse_args(["best"])
+    assert (args.device, str(args.cache_dir), str(args.data_root)) == ("cpu", "/tmp/cache-from-env", "/tmp/data-from-env")
+    assert build_parser().parse_args(["best", "--device", "cuda:1"]).device == "cuda:1"  # a flag wins

@@ -10,15 +10,17 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from data import DATASETS
+from data.errors import DATASETS
+from search.environment import (ARTIFACTS_ENV, CACHE_DIR_ENV, DATA_ROOT_ENV, DEFAULT_STORAGE, DEVICE_ENV, STORAGE_ENV,
+                                from_environment, path_from_environment)
 from search.errors import UserError
-from search.family import families, load_family_file, parse_families
-from search.pipeline import STORED_DATA_FIELDS, DataConfig, default_cache_dir
 from search.sampling import PRUNERS, SAMPLERS
 from search.space import parse_value
-from search.storage import DEFAULT_STORAGE
+
+if TYPE_CHECKING:
+    from search.pipeline import DataConfig
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
@@ -49,7 +51,16 @@ def parse_assignments(items: Sequence[str] | None, flag: str = "--param") -> dic
 
 
 def model_help() -> str:
-    return ", ".join(families())
+    """The model names, found without importing any family (which would import torch): the modules of
+    search/families/ (each defines the family of its own name) and the entry points of installed packages."""
+    import importlib.metadata
+    import pkgutil
+
+    import search.families
+
+    built_in = [i.name for i in pkgutil.iter_modules(search.families.__path__) if not i.name.startswith("_")]
+    installed = [e.name for e in importlib.metadata.entry_points(group=search.families.ENTRY_POINT_GROUP)]
+    return ", ".join(sorted(built_in) + sorted(installed))
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -61,31 +72,49 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None, wha
 
 def models(args: argparse.Namespace) -> list[str]:
     """The --model list, after registering the families of any --family-file."""
+    from search.family import load_family_file, parse_families
+
     for path in args.family_file or []:
         load_family_file(path)
     return parse_families(args.model)
+
+
+def add_data_root_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--data-root", type=Path, default=path_from_environment(DATA_ROOT_ENV),
+                        help="the dataset folder (default: under ~/.cache/stl10-search); for `best`, `worker` and "
+                             f"`report`, this host's copy when it is not where the study stored it (or set {DATA_ROOT_ENV})")
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=path_from_environment(CACHE_DIR_ENV),
+                        help="this host's cache of decoded images and backbone features (default "
+                             f"~/.cache/stl10-search; or set {CACHE_DIR_ENV})")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Data options; None means "not given", so a worker can tell a host override from a default."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=DATASETS, help="stl10 (default; downloaded once) or imagefolder")
-    group.add_argument("--data-root", type=Path, help="dataset folder (default: under ~/.cache/stl10-search)")
+    add_data_root_argument(group)
     group.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.3 = 3,500/1,500)")
     group.add_argument("--split-seed", type=int, help="seed of the stratified train/validation split (default 0)")
     group.add_argument("--image-size", type=int, help="input side in pixels (default: the model's; MobileNetV2 searches it)")
-    group.add_argument("--cache-dir", type=Path, help="decoded images and backbone features (default ~/.cache/stl10-search)")
-    group.add_argument("--weights", help="MobileNetV2 weights: imagenet (default, torchvision download), "
-                                         "a state-dict PATH, or none")
+    add_cache_dir_argument(group)
+    group.add_argument("--weights", help="pretrained weights for the models that take them: imagenet (default, "
+                                         "downloaded once), a state-dict PATH, or none")
 
 
 def data_given(args: argparse.Namespace) -> bool:
     """Whether the command line names any stored data setting (a host's cache folder is not one)."""
+    from search.pipeline import STORED_DATA_FIELDS
+
     return any(getattr(args, name, None) is not None for name in STORED_DATA_FIELDS)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
     """The DataConfig the command line asks for, defaults filled in."""
+    from search.pipeline import DataConfig, default_cache_dir
+
     defaults = DataConfig()
     val_fraction = defaults.val_fraction if args.val_fraction is None else args.val_fraction
     if not 0 < val_fraction < 1:
@@ -139,19 +168,19 @@ def study_prefix(text: str) -> str:
 def add_storage_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=None,
                         help=f"{DEFAULT_STORAGE} (default), postgresql://user:pw@host/db or journal:PATH "
-                             "(or set STL10_SEARCH_STORAGE)")
+                             f"(or set {STORAGE_ENV})")
     parser.add_argument("--study-prefix", default="", type=study_prefix,
                         help="prefix of the study names (default: none, a study per model)")
 
 
 def storage_url(args: argparse.Namespace) -> str:
-    return args.storage or os.environ.get("STL10_SEARCH_STORAGE") or DEFAULT_STORAGE
+    return args.storage or from_environment(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    budgets = ", ".join(f"{name} {family.n_trials}" for name, family in families().items())
     parser.add_argument("--n-trials", type=int,
-                        help=f"finished trials per study, shared by all workers (default for a new study: {budgets})")
+                        help="finished trials per study, shared by all workers (default for a new study: the model's "
+                             "own budget, see `stl10-search space`)")
     parser.add_argument("--param", action="append", metavar="KEY=VALUE",
                         help="fix (lr=0.001), narrow (lr=1e-4..1e-2) or restrict (optimizer=adam,sgd) a parameter; "
                              "prefix with a model to target one (cnn.n_conv=3); repeatable; see `stl10-search space`")
@@ -159,7 +188,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enqueue-reference", action="store_true", help="run the study's hand-found settings first")
     parser.add_argument("--sampler", default=None, choices=SAMPLERS.names(), help=SAMPLERS.describe())
     parser.add_argument("--pruner", default=None, choices=PRUNERS.names(), help=PRUNERS.describe())
-    parser.add_argument("--seed", type=int, default=None, help="study seed (default 0)")
+    parser.add_argument("--study-seed", type=int, default=None,
+                        help="seed of the study's sampler; trial i gets seed study-seed + i (default 0)")
     parser.add_argument("--checkpoint-dir", type=Path, help="save each trial's last epoch; a re-run trial resumes there")
     parser.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between trial heartbeats (default 30)")
     parser.add_argument("--grace-period", type=int, default=None, help="seconds without heartbeat before a trial "
@@ -169,13 +199,23 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=from_environment(DEVICE_ENV) or "auto",
+                        help=f"auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N (or set {DEVICE_ENV})")
 
 
 def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", type=Path,
-                        help="weights folder (default: $STL10_SEARCH_ARTIFACTS, else artifacts/ beside a SQLite or "
+                        help=f"weights folder (default: ${ARTIFACTS_ENV}, else artifacts/ beside a SQLite or "
                              "journal file, else ~/.local/share/stl10-search/artifacts/HOST-PORT-DB for a server)")
+
+
+def add_full_train_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--full-train", action="store_true", help="retrain the best trials on train+validation, "
+                                                                  "not train alone")
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
