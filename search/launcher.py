@@ -191,6 +191,9 @@ def start_workers(slots: list[WorkerSlot], models: list[str], url: str, extra_ar
         if slot.threads:
             command += ["--threads", str(slot.threads)]
         log = open(worker_log(log_dir, index), "a")
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')}: worker {index} of {len(slots)} started by "
+                  f"launcher pid {os.getpid()} on {slot.device} =====\n")
+        log.flush()
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True))
         log.close()

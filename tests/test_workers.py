@@ -321,4 +321,9 @@ def test_search_launches_workers_and_prints_the_summary(tiny_search, tmp_path, c
     assert ended == "logreg ended: trial budget met (4 finished)"
     assert "starting 2 worker(s) on CPU" in captured.err
     assert len(list((tmp_path / "logs").glob("worker-*.log"))) == 2
+    for log in (tmp_path / "logs").glob("worker-*.log"):  # a header per run, then lines with their time
+        lines = log.read_text().strip().splitlines()
+        assert re.match(r"===== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: worker [01] of 2 started by launcher pid \d+ on cpu",
+                        lines[0])
+        assert re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] worker finished: logreg \d trial\(s\)", lines[-1])
     assert sum(t.state in FINISHED for t in tiny_search.trials(tiny_search.sqlite_url)) == 4

@@ -245,7 +245,7 @@ def run_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
-        print(f"worker: {signal.Signals(signum).name} received; stopping after the current epoch", flush=True)
+        stamped(f"worker: {signal.Signals(signum).name} received; stopping after the current epoch")
         stop.set()
 
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -253,6 +253,11 @@ def run_worker(args: argparse.Namespace) -> int:
     watch_launcher(stop)  # a launcher killed outright stops its workers too, their trials queued again
     with exclusive_worker(storage, study_names):  # a journal takes one worker at a time
         done = work(storage, study_names, device, stop, data_overrides=host_data_overrides(args),
-                    checkpoint_dir=args.checkpoint_dir)
-    print("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()), flush=True)
+                    checkpoint_dir=args.checkpoint_dir, log=stamped)
+    stamped("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()))
     return 0
+
+
+def stamped(message: str) -> None:
+    """A worker's log line, with the time: its log file gathers the runs of every search that used it."""
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", flush=True)
