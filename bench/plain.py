@@ -35,8 +35,8 @@ from torchvision import transforms as T
 from data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, stratified_split
 from search.errors import UserError
 from search.family import get_family, parse_families
-from search.pipeline import DataConfig, load_parts, place
-from search.training import autocast, eval_batch_cap
+from search.pipeline import DataConfig, eval_batch_cap, load_parts, place
+from search.training import autocast
 
 # Where the benchmarks find their images and MobileNetV2 weights unless told with --data-root / --weights.
 DATA_ROOT_ENV = "STL10_SEARCH_BENCH_DATA"

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from data import ImageSet, TrainSampler, eval_batch_size, fingerprint_of, normalize, padded_batches
-from search.pipeline import Augmentation
-from search.training import EVAL_BATCH_SIZE, autocast
+from search.pipeline import EVAL_BATCH_SIZE, Augmentation
+from search.training import autocast
 
 FEATURES_VERSION = 2  # bump when computing features changes (preprocessing, augmentation, precision)
 VIEW_SEED_BASE = 10_000  # views are shared by all trials, so their randomness must not depend on a trial's seed

@@ -20,8 +20,6 @@ from search.space import Dim, choice, integer, real
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LOSSES = ("cross_entropy", "nll", "label_smoothing")
 SCHEDULES = ("constant", "cosine", "onecycle")
-EVAL_BATCH_SIZE = 1024  # evaluation batches on a GPU: one fixed shape, padded (see search.pipeline)
-CPU_EVAL_BATCH_SIZE = 128  # the CPU evaluates a small CNN 2x faster in batches of 64-128 than of 1024
 ONECYCLE_MIN_WARMUP = 0.25  # share of the steps a one-cycle schedule rises over when warmup_epochs is shorter
 
 
@@ -129,10 +127,6 @@ def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
     if callable(own):
         return own()
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
-
-
-def eval_batch_cap(device: torch.device) -> int:
-    return EVAL_BATCH_SIZE if device.type == "cuda" else CPU_EVAL_BATCH_SIZE
 
 
 def make_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Optimizer:

@@ -178,7 +178,7 @@ def test_space_file_survives_a_round_trip_through_the_study(tmp_path: Path) -> N
         '[logreg]\nlr = {low = 1e-4, high = 1e-3}\nepochs = 3\noptimizer = ["adam", "sgd"]\nmomentum = "0.8..0.9"\n'
         "[cnn]\nn_conv = 2\nbatch_size = [32, 64]\n"
     )
-    tables = load_space_file(space_file)
+    tables = load_space_file(space_file, FAMILIES)
     assert tables["logreg"]["epochs"] == 3 and tables["cnn"]["batch_size"] == [32, 64]
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'studies.db'}")
     for family, table in tables.items():
@@ -202,12 +202,12 @@ def test_bad_space_files_are_user_errors(tmp_path: Path, content: str, message: 
     path = tmp_path / "space.toml"
     path.write_text(content)
     with pytest.raises(UserError, match=message):
-        load_space_file(path)
+        load_space_file(path, FAMILIES)
 
 
 def test_missing_space_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
-        load_space_file(tmp_path / "nope.toml")
+        load_space_file(tmp_path / "nope.toml", FAMILIES)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

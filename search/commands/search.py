@@ -16,7 +16,7 @@ import torch
 from search.commands.options import (data_config, data_given, host_data_overrides, models, parse_assignments,
                                      storage_url)
 from search.errors import UserError
-from search.family import Family, get_family
+from search.family import Family, families, get_family
 from search.launcher import (check_worker_count, fit_to_machine, plan_workers, search_failures, start_workers,
                              summary_table, supervise, watch_launcher, worker_log, worker_memory_estimate)
 from search.pipeline import data_identity, load_parts, resolve_device
@@ -31,7 +31,7 @@ from search.worker import work
 
 def space_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
     """Per family: the space file's table, then --param values ("lr=..." for all, "cnn.lr=..." for one)."""
-    from_file = load_space_file(args.space) if args.space else {}
+    from_file = load_space_file(args.space, families()) if args.space else {}
     per_family: dict[str, dict[str, Any]] = {f: dict(from_file.get(f, {})) for f in names}
     for key, value in parse_assignments(args.param).items():
         target, _, name = key.rpartition(".")
