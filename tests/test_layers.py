@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.training",),  # optimizer, schedule, loss, one epoch, one evaluation
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
     ("search.trial",),  # the one trial runner
-    ("search.storage", "search.studies", "search.progress", "search.warmstart"),  # Optuna: storage and studies
+    ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart"),  # Optuna: storage, studies, records
     ("search.worker", "search.best", "search.launcher"),  # running trials, retraining the best, starting workers
     ("search.report", "search.dashboard"),  # what users read
     ("search.commands", "search.cli"),  # the command line
