@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data import ImageSet, TrainSampler, eval_batch_size, fingerprint_of, normalize, padded_batches
 from search.pipeline import Augmentation
-from search.training import EVAL_BATCH_SIZE, autocast
+from search.training import EVAL_BATCH_SIZE, autocast, numerics
 
 FEATURES_VERSION = 2  # bump when computing features changes (preprocessing, augmentation, precision)
 VIEW_SEED_BASE = 10_000  # views are shared by all trials, so their randomness must not depend on a trial's seed
@@ -33,11 +33,6 @@ _log = logging.getLogger(__name__)
 def weights_digest(module: nn.Module) -> str:
     """The identity of a module's weights (and batch-norm statistics)."""
     return fingerprint_of(*(item for name, tensor in module.state_dict().items() for item in (name, tensor.float())))
-
-
-def numerics(device: torch.device) -> str:
-    """How features are computed on this device: bf16 autocast on CUDA, fp32 on the CPU. Part of the key."""
-    return "cuda-bf16" if device.type == "cuda" else f"{device.type}-fp32"
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""The CUDA path: `train`, a 2-worker `search`, `best` and the feature cache on a GPU, with bf16 autocast and
-channels-last. Run with `pytest -m cuda` on a GPU box (bench/gpu_check.sh does); skipped where there is no GPU.
+"""The CUDA path: `train`, a 2-worker `search`, `best` and the feature cache on a GPU, with mixed precision
+(`search.training.autocast_dtype`) and channels-last. Run with `pytest -m cuda` on a GPU box (bench/gpu_check.sh does); skipped where there is no GPU.
 
 STL10_SEARCH_CUDA_TESTS_ON_CPU=1 runs the same tests on the CPU (no autocast there), to check the tests
 themselves on a machine without a GPU.
@@ -19,12 +19,14 @@ from optuna.trial import TrialState
 from torch import nn
 
 import search.features
+import search.trial
 from search.cli import main
 from search.family import get_family
 from search.features import FeatureBatches
 from search.pipeline import load_parts, place
 from search.storage import open_storage
-from search.trial import run_trial
+from search.training import autocast_dtype
+from search.trial import Checkpoint, Interrupted, run_trial
 from search.worker import work
 
 ON_CPU = os.environ.get("STL10_SEARCH_CUDA_TESTS_ON_CPU") == "1"
@@ -50,7 +52,7 @@ def _conv_inputs(model: nn.Module) -> list[tuple[torch.dtype, bool, str]]:
     return seen
 
 
-def test_cnn_trains_above_chance_with_bf16_autocast_and_channels_last(tiny_config, device) -> None:
+def test_cnn_trains_above_chance_with_mixed_precision_and_channels_last(tiny_config, device) -> None:
     family = get_family("cnn")
     params = family.resolve({"epochs": 4, "batch_size": 16, "lr": 3e-3})
     parts = place(load_parts(tiny_config, 32), device)
@@ -60,7 +62,7 @@ def test_cnn_trains_above_chance_with_bf16_autocast_and_channels_last(tiny_confi
     inputs = seen[0]
     assert inputs and all(channels_last and kind == device.type for _, channels_last, kind in inputs)
     if device.type == "cuda":
-        assert {dtype for dtype, _, _ in inputs} == {torch.bfloat16}
+        assert {dtype for dtype, _, _ in inputs} == {autocast_dtype(device) or torch.float32}
         assert next(fit.model.parameters()).is_cuda
     assert max(m.val_accuracy for m in fit.history) > CHANCE + 0.25
     assert fit.evaluate("val", device).accuracy == pytest.approx(fit.history[-1].val_accuracy)
@@ -130,3 +132,27 @@ def test_a_worker_on_the_device_runs_trials_of_two_batch_sizes(tiny_search, devi
     assert done == {"logreg": 4}
     trials = tiny_search.trials(url)
     assert all(t.state == TrialState.COMPLETE and t.value > CHANCE for t in trials)
+
+
+def test_a_resumed_adam_keeps_its_step_counts_on_the_cpu_and_its_moments_on_the_device(tiny_config, device, tmp_path,
+                                                                                       monkeypatch) -> None:
+    """Step counts on the GPU cost foreach Adam a host sync per parameter per step (it reads each with .item())."""
+    family = get_family("cnn")
+    params = family.resolve({"epochs": 3, "batch_size": 16, "optimizer": "adam"})
+    parts = place(load_parts(tiny_config, 32), device)
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+
+    def interrupt(metrics) -> None:
+        if metrics.epoch == 1:
+            raise Interrupted("after epoch 1")
+
+    with pytest.raises(Interrupted):
+        run_trial(family, params, parts, tiny_config, device, 0, checkpoint=checkpoint, on_epoch=interrupt)
+    optimizers: list = []
+    make = search.trial.make_optimizer
+    monkeypatch.setattr(search.trial, "make_optimizer", lambda *args: optimizers.append(make(*args)) or optimizers[-1])
+    run_trial(family, params, parts, tiny_config, device, 0, checkpoint=checkpoint)
+    assert checkpoint.restored_epochs == 1
+    states = list(optimizers[0].state.values())
+    assert states and all(s["step"].device.type == "cpu" for s in states)
+    assert all(s[moment].device.type == device.type for s in states for moment in ("exp_avg", "exp_avg_sq"))
