@@ -1,5 +1,6 @@
 """The CUDA path: `train`, a 2-worker `search`, `best` and the feature cache on a GPU, with mixed precision
-(`search.training.autocast_dtype`) and channels-last. Run with `pytest -m cuda` on a GPU box (bench/gpu_check.sh does); skipped where there is no GPU.
+(`search.training.autocast_dtype`) and channels-last. Run with `pytest -m cuda` on a GPU box (bench/gpu_check.sh
+does); skipped where there is no GPU.
 
 STL10_SEARCH_CUDA_TESTS_ON_CPU=1 runs the same tests on the CPU (no autocast there), to check the tests
 themselves on a machine without a GPU.
