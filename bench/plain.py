@@ -237,7 +237,7 @@ def forget_features() -> None:
     """Empty the worker's in-memory feature cache, so the next frozen-backbone trial starts cold or reads disk."""
     from search import features
 
-    features._MEMORY.clear()  # private, but the only handle on the per-process cache; bench code only
+    features.MEMORY.clear()
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 import search.features
 import search.trial
+import search.worker
 from search.cli import main
 from search.family import get_family
 from search.features import FeatureBatches
@@ -113,7 +114,7 @@ def test_frozen_backbone_features_are_computed_once_on_the_device_and_then_read(
     first = run_trial(family, params, parts, tiny_config, device, 0)
     assert isinstance(first.source, FeatureBatches) and len(calls) == 3  # two train views and validation
     assert all(view.device.type == device.type and view.dtype == torch.float32 for view in first.source.views)
-    monkeypatch.setattr(search.features, "_MEMORY", {})  # a new worker: only the disk cache is left
+    search.features.MEMORY.clear()  # a new worker: only the disk cache is left
     second = run_trial(family, params, parts, tiny_config, device, 0)
     assert len(calls) == 3  # read from the cache, not computed again
     assert torch.equal(first.source.views[0], second.source.views[0])
@@ -157,3 +158,33 @@ def test_a_resumed_adam_keeps_its_step_counts_on_the_cpu_and_its_moments_on_the_
     states = list(optimizers[0].state.values())
     assert states and all(s["step"].device.type == "cpu" for s in states)
     assert all(s[moment].device.type == device.type for s in states for moment in ("exp_avg", "exp_avg_sq"))
+
+
+def test_the_memory_of_a_trial_that_ran_out_of_it_is_given_back(tiny_search, device, monkeypatch) -> None:
+    """Other workers on the GPU (--workers-per-gpu) get it back: the cache is emptied once the trial's tensors,
+    held by the error's traceback while it is handled, are gone."""
+    if device.type != "cuda":
+        pytest.skip("measures CUDA memory")
+    held = 256 << 20
+    reserved_when_raised: list[int] = []
+    reserved_when_freed: list[int] = []
+
+    def out_of_memory(*args, **kwargs):
+        activations = torch.empty(held, dtype=torch.uint8, device=device)  # noqa: F841 - as a forward pass keeps
+        reserved_when_raised.append(torch.cuda.memory_reserved(device))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    free = search.worker.free_device_memory
+
+    def recording() -> None:
+        free()
+        reserved_when_freed.append(torch.cuda.memory_reserved(device))
+
+    monkeypatch.setattr(search.trial, "train_epoch", out_of_memory)
+    monkeypatch.setattr(search.worker, "free_device_memory", recording)
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 1)
+    work(open_storage(url), ["logreg"], device, threading.Event(), data_overrides={"cache_dir": tiny_search.cache_dir},
+         log=lambda line: None)
+    assert reserved_when_freed and len(reserved_when_freed) == len(reserved_when_raised)
+    assert all(freed <= raised - held for raised, freed in zip(reserved_when_raised, reserved_when_freed))
