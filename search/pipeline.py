@@ -71,7 +71,9 @@ def load_parts(config: DataConfig, size: int, with_test: bool = False, full_trai
 
 
 def place(parts: dict[str, ImageSet], device: torch.device) -> dict[str, ImageSet]:
-    """Images on the training device when they fit in half its free memory, else pinned for fast copies."""
+    """Images on the training device when they fit in half its free memory, else pinned for fast copies: training
+    batches go through `PinnedStaging`, evaluation batches are slices of the pinned images (but for each part's
+    padded last batch, gathered once per evaluation)."""
     if device.type != "cuda":
         return parts
     needed = sum(p.images.numel() for p in parts.values())
@@ -109,6 +111,35 @@ def fixed_eval_batches(part: ImageSet, device: torch.device) -> Iterator[tuple[t
         yield x, y.to(device, non_blocking=True), n_valid
 
 
+class PinnedStaging:
+    """Training batches gathered from images in host memory into two reused pinned buffers, each copied to the
+    device without blocking the host.
+
+    `images[index]` would gather into a new, pageable tensor, whose `non_blocking` copy is synchronous. A buffer is
+    written again only once its previous copy has finished (a CUDA event per buffer), so the host gathers the next
+    batch while the last one is in flight. Off CUDA the buffers are plain memory (pinning needs a GPU).
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device) -> None:
+        self.images, self.device = images, device
+        shape = (batch_size, *images.shape[1:])
+        self.buffers = [torch.empty(shape, dtype=images.dtype, pin_memory=device.type == "cuda") for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """images[index], a new tensor on the device."""
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()
+        buffer = torch.index_select(self.images, 0, index, out=self.buffers[turn])
+        batch = buffer.to(self.device, non_blocking=True, copy=True)
+        if self.device.type == "cuda":
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record()
+        return batch
+
+
 class ImageBatches:
     """Batches of uint8 images, normalized and augmented on the device, one random draw per image.
 
@@ -126,6 +157,8 @@ class ImageBatches:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         index_generator = torch.Generator(device=parts["train"].images.device).manual_seed(seed)
         self.sampler = TrainSampler(len(parts["train"]), batch_size, index_generator)
+        in_host_memory = parts["train"].images.device.type == "cpu" and device.type == "cuda"
+        self.staging = PinnedStaging(parts["train"].images, self.sampler.batch_size, device) if in_host_memory else None
 
     def num_batches(self) -> int:
         return self.sampler.batches_per_epoch
@@ -144,7 +177,8 @@ class ImageBatches:
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         train = self.parts["train"]
         for index in self.sampler.epoch():
-            x = self.augmentation.apply(self._prepare(train.images[index]), self.generator)
+            images = self.staging.gather(index) if self.staging is not None else train.images[index]
+            x = self.augmentation.apply(self._prepare(images), self.generator)
             y = train.labels[index.to(train.labels.device)]
             yield x.contiguous(memory_format=self.memory_format), y.to(self.device, non_blocking=True)
 
@@ -168,5 +202,5 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-__all__ = ["STORED_DATA_FIELDS", "Augmentation", "DataConfig", "ImageBatches", "data_identity", "fixed_eval_batches",
-           "load_parts", "place", "resolve_device"]
+__all__ = ["STORED_DATA_FIELDS", "Augmentation", "DataConfig", "ImageBatches", "PinnedStaging", "data_identity",
+           "fixed_eval_batches", "load_parts", "place", "resolve_device"]

@@ -22,10 +22,11 @@ from torch import nn
 import search.features
 import search.trial
 import search.worker
+from data import TrainSampler, normalize
 from search.cli import main
 from search.family import get_family
 from search.features import FeatureBatches
-from search.pipeline import load_parts, place
+from search.pipeline import Augmentation, ImageBatches, load_parts, place
 from search.storage import open_storage
 from search.training import autocast_dtype
 from search.trial import Checkpoint, Interrupted, run_trial
@@ -188,3 +189,24 @@ def test_the_memory_of_a_trial_that_ran_out_of_it_is_given_back(tiny_search, dev
          log=lambda line: None)
     assert reserved_when_freed and len(reserved_when_freed) == len(reserved_when_raised)
     assert all(freed <= raised - held for raised, freed in zip(reserved_when_raised, reserved_when_freed))
+
+
+def test_images_kept_in_host_memory_reach_the_gpu_through_reused_pinned_buffers(tiny_config, device,
+                                                                                 monkeypatch) -> None:
+    """A dataset larger than half the free GPU memory stays pinned in host memory; every training batch is
+    gathered into one of two pinned buffers and copied without blocking, and none is overwritten in flight."""
+    if device.type != "cuda":
+        pytest.skip("pinned memory needs CUDA")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))  # nothing fits on the GPU
+    parts = place(load_parts(tiny_config, 32), device)
+    images = parts["train"].images
+    assert images.device.type == "cpu" and images.is_pinned()
+    source = ImageBatches(parts, 8, Augmentation(), device, seed=0)
+    buffers = [buffer.data_ptr() for buffer in source.staging.buffers]
+    assert all(buffer.is_pinned() for buffer in source.staging.buffers)
+    indices = list(TrainSampler(len(images), 8, torch.Generator().manual_seed(0)).epoch())
+    batches = [x for x, _ in source.train_batches(1)]  # all gathered and in flight before any is read back
+    assert [buffer.data_ptr() for buffer in source.staging.buffers] == buffers
+    assert len(batches) == len(indices) > 2
+    for x, index in zip(batches, indices):
+        assert x.device.type == "cuda" and torch.allclose(x.cpu(), normalize(images[index]), rtol=0, atol=1e-6)

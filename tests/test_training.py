@@ -18,7 +18,7 @@ import search.trial
 from data import normalize
 from search.family import get_family
 from search.features import MEMORY_SHARE, FeatureBatches, FeatureMemory, device_memory
-from search.pipeline import Augmentation, ImageBatches, load_parts
+from search.pipeline import Augmentation, ImageBatches, PinnedStaging, load_parts
 from search.training import (Diverged, EpochMetrics, autocast_dtype, evaluate, lr_factor, make_loss, make_optimizer,
                              make_scaler)
 from search.trial import Checkpoint, Interrupted, prepare, run_trial
@@ -550,6 +550,24 @@ def test_augmentation_is_on_in_training(tiny_config) -> None:
     order = [int(torch.nonzero(torch.all((plain.flip(-1) == image).flatten(1), dim=1))[0]) for image in x]
     assert sorted(order) == list(range(len(plain)))  # every image once, each one flipped
     assert torch.equal(y, parts["train"].labels[order])
+
+
+def test_pinned_staging_reuses_two_buffers_and_gathers_what_indexing_gathers(tiny_config) -> None:
+    """Images kept in host memory (too many for the GPU): each training batch is gathered into one of two buffers
+    made once (pinned on CUDA), not into a new pageable tensor, whose non_blocking copy would block the host."""
+    images = load_parts(tiny_config, 32)["train"].images
+    staging = PinnedStaging(images, 8, CPU)
+    buffers = [buffer.data_ptr() for buffer in staging.buffers]
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for turn in range(6):
+        index = torch.randperm(len(images), generator=generator)[:8]
+        batch = staging.gather(index)
+        assert torch.equal(staging.buffers[turn % 2], images[index])  # the buffers take turns
+        assert batch.data_ptr() not in buffers  # a batch of its own, on the device
+        batches.append((batch, index))
+    assert [buffer.data_ptr() for buffer in staging.buffers] == buffers
+    assert all(torch.equal(batch, images[index]) for batch, index in batches)  # none overwritten by a later gather
 
 
 def _shapes_seen(model: nn.Module) -> dict[str, set]:
