@@ -2,8 +2,9 @@
 
 Features are keyed by what made them: the images (their fingerprint), the backbone's weights, the
 augmentation view, the code version and the numerics (device type and precision). They are kept in memory
-for the worker's life, up to a share of the device's memory (`FeatureMemory`), and on disk across processes. Augmentation stays meaningful: a fixed number of
-augmented views of the training images is cached and each epoch draws one.
+for the worker's life, up to a share of the device's memory (`FeatureMemory`), and on disk across processes.
+Augmentation stays meaningful: a fixed number of augmented views of the training images is cached and each
+epoch draws one.
 """
 
 from __future__ import annotations
