@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench.trial_cost
 from bench.search_quality import model_params
 from bench.search_throughput import GpuSampler, fixed_params
 from bench.trial_cost import cudnn_settings
@@ -36,6 +38,45 @@ def test_cudnn_settings_on_cuda_only():
         cudnn_settings("on,off", torch.device("cpu"))
     with pytest.raises(SystemExit):
         cudnn_settings("maybe", torch.device("cuda"))
+
+
+def _last(command: list[str], option: str) -> str:
+    """The value of the last `option` in `command`, the one argparse keeps."""
+    return command[len(command) - command[::-1].index(option)]
+
+
+def test_each_cudnn_setting_is_measured_in_a_process_of_its_own(tmp_path, monkeypatch, capsys):
+    """In one process "off" reused the plans "on" had tuned: cuDNN v8 reads its plan cache before the flag."""
+    monkeypatch.setattr(bench.trial_cost, "resolve_device", lambda name: torch.device("cuda"))
+    started: list[list[str]] = []
+
+    def child(command: list[str]) -> subprocess.CompletedProcess:
+        started.append(command)
+        setting = _last(command, "--cudnn-benchmark")
+        rows = [[name, "3", "64", "-" if name == "logreg" else setting, "1.0", "0.5", "-", "-", "2.0", "4.0x"]
+                for name in _last(command, "--models").split(",")]
+        Path(_last(command, "--rows-out")).write_text(json.dumps(
+            {"rows": rows, "notes": [], "sizes": {"64": "64px: 140 train / 60 val"}, "threads": 1}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.trial_cost.subprocess, "run", child)
+    bench.trial_cost.main(["--device", "cuda", "--models", "logreg,cnn", "--cudnn-benchmark", "on,off",
+                           "--data-root", str(tmp_path), "--repeats", "1"])
+    assert [_last(c, "--cudnn-benchmark") for c in started] == ["on", "off"]  # one process per setting
+    assert [_last(c, "--models") for c in started] == ["logreg,cnn", "cnn"]  # no convolutions: measured once
+    assert all(c[:3] == [sys.executable, "-m", "bench.trial_cost"] for c in started)
+    table = capsys.readouterr().out.split("\n-")[1].splitlines()[1:]
+    assert [line.split("|")[0].strip() + " " + line.split("|")[3].strip() for line in table if "|" in line] == [
+        "logreg -", "cnn on", "cnn off"]
+
+
+def test_a_process_for_one_setting_writes_its_rows_for_the_parent(tiny_imagefolder, tmp_path, capsys):
+    rows = tmp_path / "rows.json"
+    bench.trial_cost.main(["--device", "cpu", "--models", "logreg", "--images", "16", "--epochs", "1", "--repeats",
+                           "1", "--threads", "1", "--data-root", str(tiny_imagefolder), "--rows-out", str(rows)])
+    measured = json.loads(rows.read_text())
+    assert [row[:3] for row in measured["rows"]] == [["logreg", "1", "64"]]
+    assert measured["threads"] == 1 and "ratio" not in capsys.readouterr().out  # the parent prints the table
 
 
 def test_gpu_sampler_reads_samples_and_ends_its_child(tmp_path):
