@@ -218,19 +218,23 @@ def test_the_memory_of_a_trial_that_ran_out_of_it_is_given_back(tiny_search, dev
 def test_images_kept_in_host_memory_reach_the_gpu_through_reused_pinned_buffers(tiny_config, device,
                                                                                  monkeypatch) -> None:
     """A dataset larger than half the free GPU memory stays pinned in host memory; every training batch is
-    gathered into one of two pinned buffers and copied without blocking, and none is overwritten in flight."""
+    gathered into one of two sets of pinned buffers and copied without blocking, and none is overwritten in flight."""
     if device.type != "cuda":
         pytest.skip("pinned memory needs CUDA")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))  # nothing fits on the GPU
     parts = place(load_parts(tiny_config, 32), device)
-    images = parts["train"].images
-    assert images.device.type == "cpu" and images.is_pinned()
+    train = parts["train"]
+    assert train.images.device.type == "cpu" and train.images.is_pinned() and train.labels.is_pinned()
     source = ImageBatches(parts, 8, Augmentation(), device, seed=0)
-    buffers = [buffer.data_ptr() for buffer in source.staging.buffers]
-    assert all(buffer.is_pinned() for buffer in source.staging.buffers)
-    indices = list(TrainSampler(len(images), 8, torch.Generator().manual_seed(0)).epoch())
-    batches = [x for x, _ in source.train_batches(1)]  # all gathered and in flight before any is read back
-    assert [buffer.data_ptr() for buffer in source.staging.buffers] == buffers
+    buffers = [[buffer.data_ptr() for buffer in turn] for turn in source.staging.buffers]
+    assert all(buffer.is_pinned() for turn in source.staging.buffers for buffer in turn)
+    indices = list(TrainSampler(len(train), 8, torch.Generator().manual_seed(0)).epoch())
+    batches = list(source.train_batches(1))  # all gathered and in flight before any is read back
+    assert [[buffer.data_ptr() for buffer in turn] for turn in source.staging.buffers] == buffers
     assert len(batches) == len(indices) > 2
-    for x, index in zip(batches, indices):
-        assert x.device.type == "cuda" and torch.allclose(x.cpu(), normalize(images[index]), rtol=0, atol=1e-6)
+    for (x, y), index in zip(batches, indices):
+        assert x.device.type == "cuda" and torch.allclose(x.cpu(), normalize(train.images[index]), rtol=0, atol=1e-6)
+        assert y.device.type == "cuda" and torch.equal(y.cpu(), train.labels[index])
+    fit = run_trial(get_family("cnn"), get_family("cnn").resolve({"epochs": 4, "batch_size": 16, "lr": 3e-3}), parts,
+                    tiny_config, device, 0)
+    assert max(m.val_accuracy for m in fit.history) > CHANCE + 0.25  # a whole trial on pinned data learns

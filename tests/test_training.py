@@ -552,22 +552,24 @@ def test_augmentation_is_on_in_training(tiny_config) -> None:
     assert torch.equal(y, parts["train"].labels[order])
 
 
-def test_pinned_staging_reuses_two_buffers_and_gathers_what_indexing_gathers(tiny_config) -> None:
-    """Images kept in host memory (too many for the GPU): each training batch is gathered into one of two buffers
-    made once (pinned on CUDA), not into a new pageable tensor, whose non_blocking copy would block the host."""
-    images = load_parts(tiny_config, 32)["train"].images
-    staging = PinnedStaging(images, 8, CPU)
-    buffers = [buffer.data_ptr() for buffer in staging.buffers]
+def test_pinned_staging_reuses_two_sets_of_buffers_and_gathers_what_indexing_gathers(tiny_config) -> None:
+    """Images kept in host memory (too many for the GPU): each training batch is gathered into one of two sets of
+    buffers made once (pinned on CUDA), not into a new pageable tensor, whose non_blocking copy would block."""
+    train = load_parts(tiny_config, 32)["train"]
+    staging = PinnedStaging([train.images, train.labels], 8, CPU)
+    buffers = [[buffer.data_ptr() for buffer in turn] for turn in staging.buffers]
     generator = torch.Generator().manual_seed(0)
     batches = []
     for turn in range(6):
-        index = torch.randperm(len(images), generator=generator)[:8]
-        batch = staging.gather(index)
-        assert torch.equal(staging.buffers[turn % 2], images[index])  # the buffers take turns
-        assert batch.data_ptr() not in buffers  # a batch of its own, on the device
-        batches.append((batch, index))
-    assert [buffer.data_ptr() for buffer in staging.buffers] == buffers
-    assert all(torch.equal(batch, images[index]) for batch, index in batches)  # none overwritten by a later gather
+        index = torch.randperm(len(train), generator=generator)[:8]
+        images, labels = staging.gather(index)
+        assert torch.equal(staging.buffers[turn % 2][0], train.images[index])  # the sets take turns
+        assert torch.equal(staging.buffers[turn % 2][1], train.labels[index])
+        assert images.data_ptr() not in buffers[turn % 2]  # a batch of its own, on the device
+        batches.append((images, labels, index))
+    assert [[buffer.data_ptr() for buffer in turn] for turn in staging.buffers] == buffers
+    for images, labels, index in batches:  # none overwritten by a later gather
+        assert torch.equal(images, train.images[index]) and torch.equal(labels, train.labels[index])
 
 
 def _shapes_seen(model: nn.Module) -> dict[str, set]:
