@@ -11,7 +11,7 @@ Choices, so the comparison is about the data path and the feature cache, nothing
 - Both paths train the same images (the same stratified split, the same subset), the same model built
   with the same seed by `models.build_model`, with the same optimizer, loss and params, through the
   same loop (`search.training.train`, which calls `make_optimizer` and `make_loss`): a `PlainBatches`
-  is just another batch source. On CUDA the model step is also the same (bf16 autocast, channels-last
+  is just another batch source. On CUDA the model step is also the same (mixed precision, channels-last
   convolutions), so the ratio measures what feeds the model, not the model's numerics.
 """
 
