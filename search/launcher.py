@@ -34,12 +34,15 @@ STOP_GRACE_S = 60.0  # after SIGTERM, how long workers get to finish their epoch
 @dataclass(frozen=True)
 class WorkerSlot:
     device: str  # as the worker sees it
-    visible_gpu: str | None  # CUDA_VISIBLE_DEVICES for it, None on the CPU
+    visible_gpu: str | None  # CUDA_VISIBLE_DEVICES for it (`child_visible_devices`), None on the CPU
     threads: int | None
 
 
 def plan_workers(gpus: str | None, workers_per_gpu: int, cpu_workers: int | None) -> list[WorkerSlot]:
-    """Worker slots: K per named GPU (each sees only its GPU), or CPU workers sharing the cores."""
+    """Worker slots: K per named GPU (each sees only its GPU), or CPU workers sharing the cores.
+
+    GPU indices are this process's own (within its CUDA_VISIBLE_DEVICES when set), as `cuda:N` is here.
+    """
     import torch
 
     if workers_per_gpu < 1:
@@ -58,12 +61,21 @@ def plan_workers(gpus: str | None, workers_per_gpu: int, cpu_workers: int | None
     else:
         indices = list(range(available)) if gpus is None else []
     if indices and cpu_workers is None:
-        return [WorkerSlot("cuda:0", str(g), None) for g in indices for _ in range(workers_per_gpu)]
+        return [WorkerSlot("cuda:0", child_visible_devices(g), None)
+                for g in indices for _ in range(workers_per_gpu)]
     count = 1 if cpu_workers is None else cpu_workers
     if count < 0:
         raise UserError(f"--workers must be 0 or more, got {count}")
     threads = max(1, (os.cpu_count() or 1) // max(count, 1))
     return [WorkerSlot("cpu", None, threads) for _ in range(count)]
+
+
+def child_visible_devices(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES value that shows a child this process's GPU `index`: this process's own entry at
+    that index (a number, a GPU-UUID or a MIG id; under SLURM and in containers the variable is always set), or
+    the physical index when the variable is unset."""
+    own = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return str(index) if own is None else [entry.strip() for entry in own.split(",")][index]
 
 
 def usable_cores() -> int:

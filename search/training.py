@@ -183,9 +183,36 @@ def make_loss(params: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], 
     return lambda logits, y: nn.functional.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed precision of every run on `device`, None for fp32.
+
+    bf16 where the GPU runs it natively (compute capability 8.0 and up: A100, H100, RTX 30xx and later); fp16 with
+    loss scaling (`make_scaler`) on Volta and Turing (V100, T4), where bf16 falls back to slow kernels; fp32 on
+    older GPUs, which lack tensor cores, and on the CPU, where it is exact and reproducible.
+    """
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else None
+
+
+def numerics(device: torch.device) -> str:
+    """How runs compute on `device`, e.g. "cuda-bf16" or "cpu-fp32": part of what cached features and checkpoints
+    were made with, so that those made otherwise are not reused."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+    return f"{device.type}-{names[autocast_dtype(device)]}"
+
+
 def autocast(device: torch.device):
-    """bfloat16 mixed precision on CUDA; full precision on the CPU, where it is exact and reproducible."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Mixed precision in `autocast_dtype(device)`; a no-op where that is fp32."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def make_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16, whose narrow range would flush small gradients to zero; disabled (it then passes
+    the loss and the step through unchanged) for bf16 and fp32. Its state goes into checkpoints."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
 
 @torch.inference_mode()
@@ -221,12 +248,14 @@ def train_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     loss_fn,
     device: torch.device,
+    scaler: torch.amp.GradScaler,
     on_batch: Callable[[], None] | None = None,
     num_classes: int | None = None,
 ) -> tuple[float, float]:
     """One pass of optimizer steps; returns (mean training loss, training accuracy), read once at the end.
 
-    With `num_classes`, the first batch's logits are checked to be [batch, num_classes] (`check_outputs`).
+    `scaler` (from `make_scaler`) scales the loss for fp16; it skips a step whose gradients overflowed. With
+    `num_classes`, the first batch's logits are checked to be [batch, num_classes] (`check_outputs`).
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -239,8 +268,9 @@ def train_epoch(
                 check_outputs(logits, len(y), num_classes)
             loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()

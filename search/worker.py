@@ -83,6 +83,8 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iter
 
 
 def free_device_memory() -> None:
+    """Give the GPU memory of a trial that ran out of it back to the other workers on the GPU; call it once nothing
+    (no traceback either) refers to the trial's objects any more."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -117,6 +119,7 @@ class StudyWork:
     def run(self, trial: optuna.Trial, deadline: float | None = None) -> Outcome:
         """Run one trial; at `deadline` (UTC seconds) it stops at its next epoch boundary, pruned."""
         history: list[dict[str, float]] = []
+        out_of_memory = False
         try:
             return self._run(trial, history, deadline)
         except optuna.TrialPruned as pruned:
@@ -126,7 +129,7 @@ class StudyWork:
         except Diverged as diverged:
             return Outcome(TrialState.PRUNED, None, str(diverged))
         except torch.OutOfMemoryError as error:
-            free_device_memory()
+            out_of_memory = True
             return Outcome(TrialState.FAIL, None, f"out of memory: {str(error).splitlines()[0]}")
         except DataError:
             raise  # not this setting's fault: the worker leaves the study, the trial is queued again
@@ -140,6 +143,8 @@ class StudyWork:
         finally:
             with contextlib.suppress(Exception):  # also when the trial was already failed as stale
                 trial.set_user_attr("history", history)
+            if out_of_memory:  # here, not in `except`, whose traceback holds the trial's model, optimizer and graph
+                free_device_memory()
 
     def _run(self, trial: optuna.Trial, history: list[dict[str, float]], deadline: float | None) -> Outcome:
         params = self.family.relevant({**self.family.resolve(), **suggest(trial, self.dims)})

@@ -21,13 +21,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import search.launcher
 import search.progress
+from search.commands.results import _best_device
 from search.errors import UserError
+from search.launcher import (LAUNCHER_PID_ENV, WorkerSlot, check_worker_count, plan_workers, start_workers,
+                             supervise)
 from search.progress import ProgressDisplay, StudyStatus
 from search.studies import Counts
-from search.launcher import LAUNCHER_PID_ENV, WorkerSlot, check_worker_count, start_workers, supervise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -288,11 +291,36 @@ def test_oversubscribe_starts_every_worker_asked_for_and_says_so(machine) -> Non
 
 
 def test_workers_per_gpu_are_capped_by_the_gpus_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 16 * GIB}))
     slots = [WorkerSlot("cuda:0", gpu, None) for gpu in ("0", "1") for _ in range(4)]
     fitted, warning = search.launcher.fit_to_machine(slots, GIB, 4 * GIB, False)  # 5 GiB a slot: 3 fit
     assert [s.visible_gpu for s in fitted] == ["0", "0", "0", "1", "1", "1"]
     assert warning == ("warning: 4 workers per GPU do not fit its 16 GiB (about 5.0 GiB each): starting 3 per GPU; "
                        "pass --oversubscribe to start 4 anyway")
+
+
+UUIDS = "GPU-5f1c2a3b-0000-1111-2222-333344445555,GPU-9e8d7c6b-aaaa-bbbb-cccc-ddddeeeeffff"
+MIGS = "MIG-0a1b2c3d-1111-2222-3333-444455556666,MIG-7f6e5d4c-7777-8888-9999-aaaabbbbcccc"
+
+
+@pytest.mark.parametrize("parent, gpus", [
+    (None, "0,1"), (None, "2"), ("2,3", "0,1"), ("2,3", "1"), ("5,1,7", None), (UUIDS, "1,0"), (MIGS, "0,1"),
+], ids=["unset", "unset-one", "numbers", "numbers-second", "numbers-all", "uuids", "mig"])
+def test_each_worker_sees_the_launcher_s_own_gpu_at_its_index_and_run_tests_on_the_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parent: str | None, gpus: str | None) -> None:
+    """--gpus indexes the launcher's own CUDA_VISIBLE_DEVICES (SLURM sets it): a child gets the entry at that
+    index, whatever its form; without the variable, indices are physical GPUs."""
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    own = parent.split(",") if parent is not None else [str(i) for i in range(4)]  # the launcher's GPU i is own[i]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(own))
+    started: list[dict] = []
+    monkeypatch.setattr(search.launcher.subprocess, "Popen", lambda command, **kwargs: started.append(kwargs["env"]))
+    start_workers(plan_workers(gpus, 2, None), ["cnn"], f"sqlite:///{tmp_path / 'studies.db'}", [], tmp_path)
+    indices = [int(g) for g in gpus.split(",")] if gpus else list(range(len(own)))
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in started] == [own[i] for i in indices for _ in range(2)]
+    best = torch.device("cuda" if _best_device(gpus) == "auto" else _best_device(gpus))  # auto is cuda:0
+    assert own[best.index or 0] == started[0]["CUDA_VISIBLE_DEVICES"]  # `run` retrains on its first workers' GPU

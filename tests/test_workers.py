@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from collections import Counter
 
 import optuna
@@ -192,6 +193,39 @@ def test_worker_leaves_a_study_whose_trials_all_fail(tiny_search, monkeypatch: p
     assert [t.state for t in trials] == [TrialState.FAIL] * MAX_CONSECUTIVE_FAILURES
     assert all(t.user_attrs["reason"] == "failed: RuntimeError: no model today" for t in trials)
     assert "trials in a row failed" in lines[-1]
+
+
+def test_out_of_memory_fails_the_trial_and_its_model_is_gone_when_the_memory_is_freed(tiny_search, monkeypatch) -> None:
+    """Freed inside `except`, nothing was: its traceback holds the trial's frames, and with them the model, the
+    optimizer state and the autograd graph, so `empty_cache` could give other workers on the GPU nothing back."""
+    models: list = []
+    prepare = search.trial.prepare
+
+    def keeping_a_weak_reference(*args, **kwargs):
+        model, trained, source = prepare(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model, trained, source
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    alive_when_freed: list[bool] = []
+    free = search.worker.free_device_memory
+
+    def recording() -> None:
+        free()  # gc.collect(), then torch.cuda.empty_cache() where there is CUDA
+        alive_when_freed.append(models[-1]() is not None)
+
+    monkeypatch.setattr(search.trial, "prepare", keeping_a_weak_reference)
+    monkeypatch.setattr(search.trial, "train_epoch", out_of_memory)
+    monkeypatch.setattr(search.worker, "free_device_memory", recording)
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2)
+    _work(tiny_search, url)
+    trials = tiny_search.trials(url)
+    assert [t.state for t in trials] == [TrialState.FAIL] * MAX_CONSECUTIVE_FAILURES
+    assert {t.user_attrs["reason"] for t in trials} == {"out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert alive_when_freed == [False] * MAX_CONSECUTIVE_FAILURES
 
 
 def test_a_hopeless_trial_is_pruned_at_an_early_epoch(tiny_search) -> None:

@@ -219,7 +219,8 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
+    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3, counted within CUDA_VISIBLE_DEVICES when "
+                                       "it is set (default: every GPU found; none: CPU)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
     parser.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1); "
                                                     "0 creates the studies only")
