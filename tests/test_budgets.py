@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
@@ -13,7 +12,7 @@ from optuna.trial import TrialState
 
 import search.worker
 from search.cli import main
-from search.commands.search import time_budget
+from search.services.searching import SearchRequest, time_budget
 from search.family import families, get_family
 from search.space import choice, integer, real
 from search.storage import open_storage
@@ -103,20 +102,22 @@ def test_deadlines_split_the_whole_budget_in_order_and_early_finishers_leave_tim
     assert [s.user_attrs["deadline"] for s in studies] == [None, None, None]
 
 
-def _args(command: str, n_trials: int | None = None, budget: float | None = None) -> argparse.Namespace:
-    return argparse.Namespace(command=command, n_trials=n_trials, time_budget=budget)
+def _request(run: bool = False, n_trials: int | None = None, budget: float | None = None) -> SearchRequest:
+    """What `run` or `search` asks for with these budget flags (see search.commands.options.search_request)."""
+    return SearchRequest(list(families()), n_trials=n_trials, time_budget=budget,
+                         default_time_budget=run and n_trials is None)
 
 
 def test_run_without_budget_flags_takes_each_models_time_for_the_device() -> None:
     names = list(families())
-    seconds, weights = time_budget(_args("run"), names, "cpu")
+    seconds, weights = time_budget(_request(run=True), "cpu")
     assert weights == [get_family(n).time_budget["cpu"] for n in names]
     assert seconds == sum(weights)
-    gpu_seconds, _ = time_budget(_args("run"), names, "cuda")
+    gpu_seconds, _ = time_budget(_request(run=True), "cuda")
     assert gpu_seconds < seconds  # a GPU gets through the same search sooner
-    assert time_budget(_args("run", n_trials=10), names, "cpu")[0] is None  # a trial count alone: no clock
-    assert time_budget(_args("search"), names, "cpu")[0] is None
-    assert time_budget(_args("search", budget=120.0), names, "cpu")[0] == 120.0
+    assert time_budget(_request(run=True, n_trials=10), "cpu")[0] is None  # a trial count alone: no clock
+    assert time_budget(_request(), "cpu")[0] is None
+    assert time_budget(_request(budget=120.0), "cpu")[0] == 120.0
 
 
 def test_search_with_only_a_time_budget_has_no_trial_count_and_says_how_it_splits(tiny_search, capsys) -> None:

@@ -21,6 +21,7 @@ from search.space import parse_value
 
 if TYPE_CHECKING:
     from search.pipeline import DataConfig
+    from search.services.searching import SearchOutcome, SearchRequest, WorkerRequest
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
@@ -246,3 +247,55 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def search_request(args: argparse.Namespace) -> SearchRequest:
+    """The search the command line asks for (`search`, `run`, and `worker` for the studies it works)."""
+    from search.services.searching import SearchRequest, space_overrides
+
+    names = models(args)
+    assignments = parse_assignments(args.param)
+    return SearchRequest(
+        models=names,
+        storage=storage_url(args),
+        study_prefix=args.study_prefix,
+        n_trials=args.n_trials,
+        time_budget=getattr(args, "time_budget", None),
+        default_time_budget=args.command == "run" and args.n_trials is None,
+        space=space_overrides(names, args.space, assignments) if (args.space or args.param) else None,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        study_seed=args.study_seed,
+        data=data_config(args) if data_given(args) else None,
+        cache_dir=args.cache_dir,
+        family_files=list(args.family_file or []),
+        enqueue_reference=args.enqueue_reference,
+        warm_start=getattr(args, "warm_start", None),
+        warm_start_k=getattr(args, "warm_start_k", 5),
+        checkpoint_dir=args.checkpoint_dir,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+        gpus=getattr(args, "gpus", None),
+        workers_per_gpu=getattr(args, "workers_per_gpu", 1),
+        workers=getattr(args, "workers", None),
+        oversubscribe=getattr(args, "oversubscribe", False),
+        log_dir=Path(getattr(args, "log_dir", "logs")),
+    )
+
+
+def worker_request(args: argparse.Namespace) -> WorkerRequest:
+    from search.services.searching import WorkerRequest
+
+    return WorkerRequest(search=search_request(args), device=args.device, threads=args.threads,
+                         host_data=host_data_overrides(args), changes=bool(args.n_trials or args.param or args.space))
+
+
+def print_search(outcome: SearchOutcome) -> int:
+    """The search's summary on stdout and its problems on stderr; returns its exit code."""
+    import sys
+
+    if outcome.summary:
+        print(outcome.summary)
+    for problem in outcome.problems:
+        print(f"stl10-search: {problem}", file=sys.stderr)
+    return outcome.exit_code

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 
 from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
-from search.commands.options import host_data_overrides, models, storage_url
+from search.commands.options import host_data_overrides, models, print_search, search_request, storage_url
 from search.errors import USER_ERRORS, UserError
 from search.family import get_family
 from search.pipeline import resolve_device
@@ -155,9 +155,9 @@ def _has_finished_trial(storage: optuna.storages.BaseStorage, name: str) -> bool
 
 def run_run(args: argparse.Namespace) -> int:
     """Search, then retrain-and-test, then report; run again after an interruption and it continues."""
-    from search.commands.search import run_search
+    from search.services.searching import search
 
-    code = run_search(args)
+    code = print_search(search(search_request(args)))
     if code == 130:
         _log("interrupted: run the same command again to continue where it stopped")
         return 130
