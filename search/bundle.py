@@ -234,9 +234,9 @@ def _writing(out: Path, path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, SafetensorError) as error:
-        reason = (getattr(error, "strerror", None) or str(error)).strip().splitlines()
-        raise UserError(f"cannot write {path.name} of the bundle {out} ({reason[0] if reason else type(error).__name__});"
-                        " nothing was written: free some space or pass a writable --out") from None
+        reason = (getattr(error, "strerror", None) or str(error)).strip().splitlines() or [type(error).__name__]
+        raise UserError(f"cannot write {path.name} of the bundle {out} ({reason[0]}); nothing was written: "
+                        "free some space or pass a writable --out") from None
 
 
 def _example_batch(image_size: int) -> torch.Tensor:
@@ -501,16 +501,15 @@ Opset {opset}, dynamic batch axis; its logits were within {difference:.1e} of Py
 def bundle_readme(config: dict[str, Any], formats: Sequence[str]) -> str:
     """The bundle's README.md, filled in from its config."""
     family, metrics = config["family"], config["metrics"]
-    figures = [f"test accuracy {metrics['test_accuracy']:.2%}" if metrics.get("test_accuracy") is not None else None,
-               f"validation accuracy {metrics['val_accuracy']:.2%}" if metrics.get("val_accuracy") is not None else None,
-               f"{metrics['trainable_parameters']:,} trainable parameters"
-               if metrics.get("trainable_parameters") is not None else None]
-    summary = (f"Model family `{family['name']}` ({family['origin']}), "
-               + (f"trial #{config['trial']} of study `{config['study']}`, seed {config['seed']}; " if config.get("study")
-                  else "")
-               + ", ".join(f for f in figures if f) + ". Everything else is in `config.json`.")
-    what = {"model.safetensors": "the weights, by parameter name", "model.pt2": "torch.export program (graph + weights)",
-            "model.onnx": "ONNX model (graph + weights)", "README.md": "this file",
+    figures = [f"{label} {metrics[key]:{form}}" for key, label, form in (
+        ("test_accuracy", "test accuracy", ".2%"), ("val_accuracy", "validation accuracy", ".2%"),
+        ("trainable_parameters", "trainable parameters", ",")) if metrics.get(key) is not None]
+    study = (f"trial #{config['trial']} of study `{config['study']}`, seed {config['seed']}; "
+             if config.get("study") else "")
+    summary = (f"Model family `{family['name']}` ({family['origin']}), {study}{', '.join(figures)}. "
+               "Everything else is in `config.json`.")
+    what = {"model.safetensors": "the weights, by parameter name",
+            "model.pt2": "torch.export program (graph + weights)", "model.onnx": "ONNX model (graph + weights)",
             "config.json": "family, params, classes, input, metrics, trial, seed, provenance"}
     files = "\n".join(f"| `{name}` | {what[name]} |" for name in ["config.json", *(FILES[f] for f in formats)])
     onnx = config.get("onnx")

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(export, "all", "all (default), or a comma-separated list of models")
     add_storage_argument(export)
     add_artifacts_argument(export)
-    export.add_argument("--out", type=Path, default=Path("bundles"), help="bundles go to OUT/<study> (default ./bundles)")
+    export.add_argument("--out", type=Path, default=Path("bundles"),
+                        help="bundles go to OUT/<study> (default ./bundles)")
     export.add_argument("--format", help="any of safetensors,pt2,onnx (safetensors always; default all, onnx when "
                                          "its packages are installed: pip install 'stl10-search[onnx]')")
     export.set_defaults(handler="search.commands.export:run_export")

@@ -40,7 +40,7 @@ def build(params, num_classes, image_size, weights):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
-TINY = Family(name="tinynet", title="tiny conv net", build=build, image_size=16,
+BUNDLED = Family(name="bundlenet", title="tiny conv net", build=build, image_size=16,
               space=[integer("channels", 4, 16), *training_space(batch_sizes=(8, 16), epochs=2)],
               reference={"channels": 8, "batch_size": 8})
 '''
@@ -208,13 +208,16 @@ def test_a_folder_that_is_not_a_bundle_is_never_replaced(tmp_path: Path) -> None
 
 
 def test_a_family_file_bundle_is_rebuilt_from_the_file_warns_when_it_changed_and_falls_back_to_the_program(
-        tmp_path: Path, tiny_imagefolder: Path) -> None:
-    from search.family import load_family_file
+        tmp_path: Path, tiny_imagefolder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import search.family
 
+    search.family.families()  # the built-in ones first, so the registry restored after the test holds them
+    monkeypatch.setattr(search.family, "_REGISTRY", dict(search.family._REGISTRY))  # registered for this test only
+    monkeypatch.setattr(search.family, "_FILES", dict(search.family._FILES))
     path = tmp_path / "tiny_family.py"
     path.write_text(TINY_FAMILY)
-    load_family_file(path)
-    trained = _trained("tinynet", 16, family_origin=str(path.resolve()), family_file=str(path.resolve()))
+    search.family.load_family_file(path)
+    trained = _trained("bundlenet", 16, family_origin=str(path.resolve()), family_file=str(path.resolve()))
     with torch.no_grad():  # batch-norm statistics that are not the defaults, so the weights file matters
         trained.model[1].running_mean.uniform_(-1, 1)
     config = export_bundle(trained, tmp_path / "bundle", ["safetensors", "pt2"]).config
@@ -243,8 +246,9 @@ def test_a_family_file_bundle_is_rebuilt_from_the_file_warns_when_it_changed_and
     with torch.inference_mode():
         for model in (rebuilt, changed, program):
             assert torch.allclose(model(x), expected, atol=1e-6, rtol=0)
-    assert [r.classes for r in predict(load_bundle(tmp_path / "bundle", log=lines.append), tiny_imagefolder / "test").rows] \
-        == [[TINY_CLASSES[i] for i in row] for row in expected.topk(3).indices.tolist()]
+    found = predict(load_bundle(tmp_path / "bundle", log=lines.append), tiny_imagefolder / "test")
+    top = expected.topk(3).indices.tolist()
+    assert [r.classes for r in found.rows] == [[TINY_CLASSES[i] for i in row] for row in top]
 
 
 def test_export_before_best_has_run_says_so_in_one_line(tiny_search) -> None:
