@@ -24,7 +24,7 @@ from search.errors import UserError
 from search.pipeline import load_parts, place
 from search.storage import artifact_dir  # noqa: F401 - re-exported: it moved to storage.py
 from search.studies import DATA_ATTR, best_trial as best_of, load_settings, trial_params, trial_seed
-from search.training import autocast
+from search.training import autocast, confusion_matrix
 from search.trial import has_convolutions, run_trial
 
 BEST_ATTR = "best_result"
@@ -115,12 +115,6 @@ def same_threads(trial: FrozenTrial, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
-    """Rows are true classes, columns predicted ones."""
-    counts = torch.bincount(labels.cpu() * num_classes + predictions.cpu(), minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes).tolist()
 
 
 def per_class_accuracy(matrix: list[list[int]]) -> list[float | None]:

@@ -11,7 +11,7 @@ from typing import Sequence
 from search.commands.options import (Parser, add_artifacts_argument, add_cache_dir_argument, add_data_arguments,
                                      add_data_root_argument, add_device_argument, add_full_train_argument,
                                      add_launch_arguments, add_model_argument, add_out_argument, add_search_arguments,
-                                     add_storage_argument, quiet_optuna)
+                                     add_storage_argument, model_help, quiet_optuna)
 from search.errors import USER_ERRORS
 
 
@@ -75,6 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
                                 "who reaches it can delete studies and artifacts")
     add_artifacts_argument(dashboard)
     dashboard.set_defaults(handler="search.commands.results:run_dashboard")
+
+    export = commands.add_parser("export", help="write each study's retrained best as a bundle: weights, config, "
+                                                 "torch.export program, ONNX, README")
+    add_model_argument(export, "all", "all (default), or a comma-separated list of models")
+    add_storage_argument(export)
+    add_artifacts_argument(export)
+    add_out_argument(export, Path("bundles"), "bundles go to OUT/<study> (default ./bundles)")
+    export.add_argument("--format", help="any of safetensors,pt2,onnx (safetensors always; default all, onnx when "
+                                         "its packages are installed: pip install 'stl10-search[onnx]')")
+    export.set_defaults(handler="search.commands.export:run_export")
+
+    predict = commands.add_parser("predict", help="top-k classes of images with a bundle or a study's stored best")
+    predict.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files (or use --folder)")
+    predict.add_argument("--folder", type=Path, help="every image under DIR; DIR/<class>/ also gets accuracy and a "
+                                                     "confusion matrix")
+    predict.add_argument("--bundle", type=Path, help="a bundle folder written by `stl10-search export`")
+    predict.add_argument("--model", help=f"or the model `best` stored in --storage: {model_help()}")
+    add_storage_argument(predict)
+    add_artifacts_argument(predict)
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    add_out_argument(predict, None, "write the predictions to a .csv or .jsonl file (default: print)")
+    predict.add_argument("--batch-size", type=int, help="images per batch (default: as `best` tests)")
+    add_device_argument(predict)
+    predict.set_defaults(handler="search.commands.export:run_predict", family_file=None)
 
     run = commands.add_parser("run", help="the whole job: search, then best, then report (run again to continue)")
     add_model_argument(run, "all", "all (default), or a comma-separated list of models")

@@ -215,6 +215,12 @@ def make_scaler(device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
 
 
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted ones."""
+    counts = torch.bincount(labels.cpu() * num_classes + predictions.cpu(), minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).tolist()
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], loss_fn, device: torch.device) -> Evaluation:
     """Mean loss, accuracy and predictions over one split, in inference mode.

@@ -22,9 +22,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.pipeline",),  # from a data configuration to batches on the device
     ("search.training",),  # optimizer, schedule, loss, one epoch, one evaluation
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
-    ("search.trial",),  # the one trial runner
-    ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart"),  # Optuna: storage, studies, records
-    ("search.worker", "search.best", "search.launcher"),  # running trials, retraining the best, starting workers
+    ("search.trial", "search.predict"),  # the one trial runner; predictions of a trained model
+    ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart",
+     "search.provenance"),  # Optuna: storage, studies, records
+    ("search.worker", "search.best", "search.launcher", "search.bundle"),  # running trials, retraining the best, starting workers
     ("search.report", "search.dashboard"),  # what users read
     ("search.services",),  # what each command does, for the command line and the Python API
     ("search.commands", "search.cli"),  # the command line

@@ -174,6 +174,18 @@ def add_storage_argument(parser: argparse.ArgumentParser) -> None:
                         help="prefix of the study names (default: none, a study per model)")
 
 
+def open_existing(args: argparse.Namespace) -> tuple[Any, str]:
+    """The storage, refusing to create an empty SQLite file where the user expected their studies."""
+    from search.storage import open_storage, storage_file
+
+    url = storage_url(args)
+    path = storage_file(url)
+    if path is not None and not path.is_file():
+        raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
+                        "or pass --storage with the URL the search used")
+    return open_storage(url), url
+
+
 def storage_url(args: argparse.Namespace) -> str:
     return args.storage or from_environment(STORAGE_ENV) or DEFAULT_STORAGE
 
@@ -215,8 +227,9 @@ def add_full_train_argument(parser: argparse.ArgumentParser) -> None:
                                                                   "not train alone")
 
 
-def add_out_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
+def add_out_argument(parser: argparse.ArgumentParser, default: Path | None = Path("report"),
+                     what: str = "report folder (default ./report)") -> None:
+    parser.add_argument("--out", type=Path, default=default, help=what)
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:

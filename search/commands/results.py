@@ -9,26 +9,17 @@ from pathlib import Path
 import optuna
 
 from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
-from search.commands.options import host_data_overrides, models, print_search, search_request, storage_url
+from search.commands.options import (host_data_overrides, models, open_existing, print_search, search_request,
+                                     storage_url)
 from search.errors import USER_ERRORS, UserError
 from search.family import get_family
 from search.pipeline import resolve_device
-from search.storage import artifact_dir, open_storage, redact, storage_file
+from search.storage import artifact_dir, redact
 from search.studies import existing_study_names, load_settings, load_stored_families, study_name
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def open_existing(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage, str]:
-    """The storage, refusing to create an empty SQLite file where the user expected their studies."""
-    url = storage_url(args)
-    path = storage_file(url)
-    if path is not None and not path.is_file():
-        raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
-                        "or pass --storage with the URL the search used")
-    return open_storage(url), url
 
 
 def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, device_name: str
