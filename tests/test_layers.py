@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.training",),  # optimizer, schedule, loss, one epoch, one evaluation
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
     ("search.trial",),  # the one trial runner
-    ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart"),  # Optuna: storage, studies, records
+    ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart",
+     "search.trackers"),  # Optuna: storage, studies, records; trackers, which read records
     ("search.worker", "search.best", "search.launcher"),  # running trials, retraining the best, starting workers
     ("search.report", "search.dashboard"),  # what users read
     ("search.commands", "search.cli"),  # the command line

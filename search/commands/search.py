@@ -192,6 +192,7 @@ def worker_arguments(args: argparse.Namespace) -> list[str]:
                         ("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
         if value is not None:
             extra += [flag, str(value)]
+    extra += [part for spec in args.track or [] for part in ("--track", str(spec))]
     return extra
 
 
