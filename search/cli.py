@@ -11,7 +11,7 @@ from typing import Sequence
 from search.commands.options import (Parser, add_artifacts_argument, add_cache_dir_argument, add_data_arguments,
                                      add_data_root_argument, add_device_argument, add_full_train_argument,
                                      add_launch_arguments, add_model_argument, add_out_argument, add_search_arguments,
-                                     add_storage_argument, model_help, quiet_optuna)
+                                     add_storage_argument, add_track_argument, model_help, quiet_optuna)
 from search.errors import USER_ERRORS
 
 
@@ -57,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(best)
     add_cache_dir_argument(best)
     add_data_root_argument(best)
+    add_track_argument(best)
     best.set_defaults(handler="search.commands.results:run_best")
+
+    track = commands.add_parser("track", help="send the stored trials and tested best of finished studies to "
+                                              "experiment trackers")
+    add_model_argument(track, "all", "all (default), or a comma-separated list of models")
+    add_storage_argument(track)
+    add_track_argument(track, required=True)
+    track.set_defaults(handler="search.commands.track:run_track")
 
     report = commands.add_parser("report", help="write the results of every study as Markdown, HTML, JSON and CSV")
     add_out_argument(report)

@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
     ("search.trial", "search.predict"),  # the one trial runner; predictions of a trained model
     ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart",
-     "search.provenance"),  # Optuna: storage, studies, records
-    ("search.worker", "search.best", "search.launcher", "search.bundle"),  # running trials, retraining the best, starting workers
+     "search.provenance", "search.trackers"),  # Optuna: storage, studies, records; trackers, which read records
+    ("search.worker", "search.best", "search.launcher", "search.bundle"),  # running trials, retraining the best
     ("search.report", "search.dashboard"),  # what users read
     ("search.services",),  # what each command does, for the command line and the Python API
     ("search.commands", "search.cli"),  # the command line

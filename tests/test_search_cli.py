@@ -165,10 +165,12 @@ def test_help_imports_neither_torch_nor_optuna_nor_plotly() -> None:
     """--help of every command answers at once: the parser is built without the heavy packages."""
     code = ("import sys, contextlib, io\n"
             "from search.cli import build_parser, main\n"
-            "for argv in (['--help'], ['search', '--help'], ['best', '--help'], ['run', '--help'], ['space', '--help']):\n"
+            "for argv in (['--help'], ['search', '--help'], ['best', '--help'], ['run', '--help'], ['space', '--help'],\n"
+            "             ['worker', '--help'], ['track', '--help']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "        main(argv)\n"
-            "print(sorted(m for m in ('torch', 'optuna', 'plotly', 'sqlalchemy', 'torchvision') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'optuna', 'plotly', 'sqlalchemy', 'torchvision', 'mlflow', 'tensorboard',\n"
+            "                         'wandb') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -18,6 +18,7 @@ from search.environment import (ARTIFACTS_ENV, CACHE_DIR_ENV, DATA_ROOT_ENV, DEF
 from search.errors import UserError
 from search.sampling import PRUNERS, SAMPLERS
 from search.space import parse_value
+from search.trackers import TRACKERS, describe as describe_trackers, parse_spec as parse_tracker
 
 if TYPE_CHECKING:
     from search.pipeline import DataConfig
@@ -208,7 +209,16 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-period", type=int, default=None, help="seconds without heartbeat before a trial "
                                                                         "counts as dead (default 120)")
     add_storage_argument(parser)
+    add_track_argument(parser)
     add_data_arguments(parser)
+
+
+def add_track_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--track, repeatable; a tracker whose package is missing is a UserError when the command line is read."""
+    parser.add_argument("--track", action="append", type=parse_tracker, required=required,
+                        metavar="{" + ",".join(TRACKERS.names()) + "}[:TARGET]",
+                        help=f"send trials and tested results to an experiment tracker (repeatable): "
+                             f"{describe_trackers()}")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +303,7 @@ def search_request(args: argparse.Namespace) -> SearchRequest:
         workers=getattr(args, "workers", None),
         oversubscribe=getattr(args, "oversubscribe", False),
         log_dir=Path(getattr(args, "log_dir", "logs")),
+        track=list(getattr(args, "track", None) or []),
     )
 
 

@@ -21,6 +21,7 @@ from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
 from search.studies import (DATA_ATTR, ENDED_ATTR, StudySettings, create_or_update, data_fields, existing_study_names,
                             load_settings, set_deadlines, study_name)
+from search.trackers import TrackerSpec
 from search.warmstart import warm_start
 from search.worker import work
 
@@ -67,6 +68,7 @@ class SearchRequest:
     workers: int | None = None
     oversubscribe: bool = False
     log_dir: Path = Path("logs")
+    track: list[TrackerSpec] = field(default_factory=list)  # experiment trackers each worker reports to
 
     def __post_init__(self) -> None:
         for path in self.family_files:
@@ -250,6 +252,7 @@ def worker_arguments(request: SearchRequest) -> list[str]:
                         ("--heartbeat-interval", request.heartbeat_interval), ("--grace-period", request.grace_period)):
         if value is not None:
             extra += [flag, str(value)]
+    extra += [part for spec in request.track for part in ("--track", str(spec))]
     return extra
 
 
