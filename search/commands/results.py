@@ -120,9 +120,10 @@ def run_dashboard(args: argparse.Namespace) -> int:
     if warning:
         _log(warning)
     folder = artifact_dir(url, args.artifacts)
-    _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) on http://{args.host}:{args.port}/ ; Ctrl-C stops")
     try:
-        serve(storage, artifact_store(url, args.artifacts), args.host, args.port)
+        serve(storage, artifact_store(url, args.artifacts), args.host, args.port,
+              on_ready=lambda address: _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) "
+                                            f"on {address} ; Ctrl-C stops"))
     except OSError as error:
         raise UserError(f"cannot serve on {args.host}:{args.port} ({error.strerror or error}); "
                         "pick another --port") from None
