@@ -10,4 +10,17 @@ class UserError(Exception):
     """A bad command line, space file, storage URL or state that the user can fix."""
 
 
+class StorageUnavailable(UserError):
+    """The storage cannot be used as it stands: damaged, read-only, or on a full disk.
+
+    Not the fault of the trial being run, so a worker that meets it stops and leaves its trial to be run again
+    instead of failing it as a bad setting.
+    """
+
+
+class StorageReadOnly(StorageUnavailable):
+    """A storage this process may read but not write: reading commands open it read-only instead."""
+
+
 USER_ERRORS = (UserError, DataError, ParamError, WeightsError)
+

@@ -10,9 +10,9 @@ import optuna
 
 from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
 from search.commands.options import host_data_overrides, models, storage_url
-from search.errors import USER_ERRORS, UserError
+from search.errors import USER_ERRORS, StorageReadOnly, StorageUnavailable, UserError
 from search.pipeline import resolve_device
-from search.storage import artifact_dir, open_storage, redact, storage_file
+from search.storage import RetryingStorage, artifact_dir, open_storage, redact, storage_file
 from search.studies import existing_study_names, load_stored_families, study_name
 
 
@@ -20,21 +20,29 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def open_existing(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage, str]:
-    """The storage, refusing to create an empty SQLite file where the user expected their studies."""
+def open_existing(args: argparse.Namespace) -> tuple[RetryingStorage, str]:
+    """The storage, refusing to create an empty SQLite file where the user expected their studies.
+
+    A file this process may not write (a shared result, a read-only mount) is opened read-only: report,
+    dashboard and best printing stored results work, and what would write says so in one line.
+    """
     url = storage_url(args)
     path = storage_file(url)
     if path is not None and not path.is_file():
         raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
                         "or pass --storage with the URL the search used")
-    return open_storage(url), url
+    try:
+        return open_storage(url), url
+    except StorageReadOnly:
+        return open_storage(url, read_only=True), url
 
 
-def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, device_name: str
+def test_best(args: argparse.Namespace, storage: RetryingStorage, url: str, device_name: str
               ) -> tuple[int, list[str]]:
     """Retrain and test the best trial of each chosen study, or print its stored result.
 
-    Returns (studies with a result, one line per study that had none).
+    Returns (studies with a result, one line per study that had none). A storage opened read-only prints
+    stored results only: a study that would be retrained is refused in one line, and no plot is saved.
     """
     load_stored_families(storage)
     families = models(args)
@@ -50,14 +58,18 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
                         + (f" with prefix {args.study_prefix!r}" if args.study_prefix else "")
                         + "; run `stl10-search search` first")
     device = resolve_device(device_name)
-    store = artifact_store(url, getattr(args, "artifacts", None))
     tested, problems = 0, []
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         try:
             trial = best_trial(study)
             result = None if getattr(args, "force", False) else stored_result(study, trial, args.full_train)
+            if result is None and storage.read_only:
+                raise storage.read_only_error("--force retrains and stores the result" if getattr(args, "force", False)
+                                              else f"study {name!r} has no stored result for trial #{trial.number}, "
+                                                   "and retraining would store one")
             if result is None:
+                store = artifact_store(url, getattr(args, "artifacts", None))
                 result = retrain_and_test(study, store, device, full_train=args.full_train,
                                           data_overrides=host_data_overrides(args), log=_log)
                 from search.dashboard import save_dashboard_plots
@@ -67,12 +79,14 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
                      f"in {artifact_dir(url, getattr(args, 'artifacts', None))}")
             else:
                 _log(f"[{name}] trial #{trial.number} already tested; printing the stored result (--force retrains)")
+        except StorageUnavailable:
+            raise  # the storage's fault, not this study's: no other study would fare better
         except USER_ERRORS as error:
             problems.append(str(error))
             continue
         print(format_result(name, result), flush=True)
         tested += 1
-    if tested:
+    if tested and not storage.read_only:
         from search.dashboard import save_tradeoff_plots
 
         save_tradeoff_plots(storage, args.study_prefix)  # trials added since the last retrain are points too
@@ -120,9 +134,10 @@ def run_dashboard(args: argparse.Namespace) -> int:
     if warning:
         _log(warning)
     folder = artifact_dir(url, args.artifacts)
+    read_only = " read-only (nothing can be changed from it)" if storage.read_only else ""
     try:
         serve(storage, artifact_store(url, args.artifacts), args.host, args.port,
-              on_ready=lambda address: _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) "
+              on_ready=lambda address: _log(f"optuna-dashboard{read_only} for {redact(url)} (artifacts in {folder}) "
                                             f"on {address} ; Ctrl-C stops"))
     except OSError as error:
         raise UserError(f"cannot serve on {args.host}:{args.port} ({error.strerror or error}); "
