@@ -24,3 +24,16 @@ class StorageReadOnly(StorageUnavailable):
 
 USER_ERRORS = (UserError, DataError, ParamError, WeightsError)
 
+
+def os_reason(error: BaseException) -> str:
+    """The OS's words for the first OSError in `error`'s chain ("No space left on device"), else str(error).
+
+    torch.save reports a failed write as RuntimeError("enforce fail ... unexpected pos"), with the OSError of
+    the file object it wrote to as its context.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(error)

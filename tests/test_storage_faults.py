@@ -1,6 +1,7 @@
 """The storage's own faults in the user's world: a damaged file, a read-only file or mount, a full disk.
 
-Each is one line that names the file and what to do, and loses nothing already stored. A real finished search (logreg on the tiny ImageFolder, tested by
+Each is one line that names the file and what to do, and loses nothing already stored. The weights `best`
+saves are written whole or not at all. A real finished search (logreg on the tiny ImageFolder, tested by
 `best`) is built once per storage kind; each test works on a copy.
 
 Full and read-only disks are made for real where this process may mount (a small tmpfs, a read-only bind
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -465,3 +467,95 @@ def test_a_journal_on_a_full_disk_keeps_whole_records(tmp_path: Path, small_disk
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     reopened = optuna.load_study(study_name="s", storage=open_storage(url))
     assert len(reopened.trials) == 4 and reopened.user_attrs["notes"] == "x" * 50_000
+
+
+# --- weights written whole or not at all ---------------------------------------------------------------------------
+
+def _weights_study(folder: Path, kind: str) -> optuna.Study:
+    return optuna.load_study(study_name="logreg", storage=open_storage(_url(kind, folder)))
+
+
+def test_weights_that_cannot_be_written_are_not_registered(finished: dict, tmp_path: Path, capsys) -> None:
+    """The temporary weights file leads to /dev/full: the disk is full when `best` writes the weights."""
+    from search.artifacts import weights_artifact_id
+
+    kind = finished["kind"]
+    folder = _copy(finished["untested"], tmp_path)
+    artifacts = folder / "artifacts"
+    artifacts.mkdir()
+    artifact_id = weights_artifact_id(_weights_study(folder, kind))
+    (artifacts / f".{artifact_id}.{os.getpid()}.tmp").symlink_to("/dev/full")
+    assert main(["best", "--storage", _url(kind, folder), "--cache-dir", finished["cache"]]) == 2
+    _one_line(capsys.readouterr().err, "cannot write the weights of study 'logreg'", "No space left on device",
+              "nothing was registered")
+    study = _weights_study(folder, kind)
+    assert optuna.artifacts.get_all_artifact_meta(study) == []
+    assert "best_result" not in study.user_attrs
+    assert list(artifacts.iterdir()) == []  # no temporary file left
+
+
+def test_weights_on_a_full_disk_leave_no_registered_partial_file(finished: dict, tmp_path: Path, small_disk,
+                                                                 capsys) -> None:
+    """The issue's case: a full artifacts disk left 100 KB of 167 KB registered on the study."""
+    kind = finished["kind"]
+    folder = _copy(finished["untested"], tmp_path)
+    _fill(small_disk, leave=4096)  # the weights take about 14 KB
+    assert main(["best", "--storage", _url(kind, folder), "--artifacts", str(small_disk), "--cache-dir",
+                 finished["cache"]]) == 2
+    _one_line(capsys.readouterr().err, "No space left on device", "nothing was registered")
+    assert optuna.artifacts.get_all_artifact_meta(_weights_study(folder, kind)) == []
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
+
+
+def test_best_force_replaces_the_study_weights(finished: dict, tmp_path: Path, capsys) -> None:
+    kind = finished["kind"]
+    folder = _copy(finished["folder"], tmp_path)
+    url = _url(kind, folder)
+    first = _weights_study(folder, kind).user_attrs["best_result"]
+    assert main(["best", "--force", "--storage", url, "--cache-dir", finished["cache"]]) == 0, capsys.readouterr().err
+    study = _weights_study(folder, kind)
+    second = study.user_attrs["best_result"]
+    assert second["artifact_id"] == first["artifact_id"]
+    assert [p.name for p in (folder / "artifacts").iterdir()] == [second["artifact_id"]]
+    metas = optuna.artifacts.get_all_artifact_meta(study)
+    assert [(m.artifact_id, m.filename) for m in metas] == [(second["artifact_id"], second["artifact_file"])]
+    weights = torch.load(folder / "artifacts" / second["artifact_id"], weights_only=True)
+    assert set(weights) and all(isinstance(v, torch.Tensor) for v in weights.values())
+
+
+def test_a_registered_artifact_reads_back_through_optuna_and_the_dashboard(tmp_path: Path) -> None:
+    """Registering needs Optuna's private attribute format: this fails loudly if Optuna changes it."""
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    from search.artifacts import WeightsStore, register_study_artifact
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    store = WeightsStore(tmp_path / "artifacts")
+    artifact_id = str(uuid.uuid4())  # the dashboard's route takes hexadecimal ids with dashes only
+    store.write(artifact_id, io.BytesIO(b"the weights"))
+    register_study_artifact(study, artifact_id, "s-trial3.pt")
+    register_study_artifact(study, artifact_id, "s-trial4.pt")  # again: replaced, not added
+    metas = optuna.artifacts.get_all_artifact_meta(study)
+    assert [(m.artifact_id, m.filename) for m in metas] == [(artifact_id, "s-trial4.pt")]
+    optuna.artifacts.download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(tmp_path / "d"))
+    assert (tmp_path / "d").read_bytes() == b"the weights"
+
+    environ: dict = {"PATH_INFO": f"/artifacts/{study._study_id}/{artifact_id}"}
+    setup_testing_defaults(environ)
+    answer: list = []
+    body = b"".join(wsgi(storage, artifact_store=store)(environ, lambda status, *_: answer.append(status)))
+    assert answer[0].startswith("200") and body == b"the weights"
+
+
+def test_a_checkpoint_that_cannot_be_written_warns_with_the_os_reason(tmp_path: Path, caplog) -> None:
+    from search.trial import Checkpoint
+
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+    (tmp_path / f"trial-0.pt.{os.getpid()}.tmp").symlink_to("/dev/full")  # the disk is full when it is written
+    checkpoint.save({"weights": torch.zeros(10_000)})
+    warning = next(r.getMessage() for r in caplog.records if "could not write checkpoint" in r.getMessage())
+    assert "No space left on device" in warning and "enforce fail" not in warning
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import optuna
 
-from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
+from search.artifacts import artifact_store
+from search.best import best_trial, format_result, retrain_and_test, stored_result
 from search.commands.options import host_data_overrides, models, storage_url
 from search.errors import USER_ERRORS, StorageReadOnly, StorageUnavailable, UserError
 from search.pipeline import resolve_device
