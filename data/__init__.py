@@ -4,7 +4,7 @@ Knows nothing of Optuna or the models.
 """
 
 from data.batching import TrainSampler, eval_batch_size, padded_batches
-from data.imageset import DataError, ImageSet, fingerprint_of
+from data.imageset import DataError, ImageSet, fingerprint_of, printable
 from data.loading import DATASETS, default_data_root, load_images
 from data.splits import stratified_split
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, augment_with, augmentation_examples, normalize
@@ -25,5 +25,6 @@ __all__ = [
     "load_images",
     "normalize",
     "padded_batches",
+    "printable",
     "stratified_split",
 ]

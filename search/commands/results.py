@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 
+from data import printable
 from search.artifacts import artifact_store
 from search.best import best_trial, format_result, retrain_and_test, stored_result
 from search.commands.options import host_data_overrides, models, storage_url
@@ -123,8 +124,8 @@ def report(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: 
         raise UserError(f"cannot write the report into {args.out} ({error.strerror or error}); "
                         "pass a writable --out folder") from None
     main = next((p for p in written if p.name == "report.html"), written[0])
-    print(f"report written to {Path(args.out)}/ ({', '.join(p.name for p in written if p.parent == Path(args.out))}); "
-          f"open {main}")
+    print(printable(f"report written to {Path(args.out)}/ "
+                    f"({', '.join(p.name for p in written if p.parent == Path(args.out))}); open {main}"))
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
