@@ -25,6 +25,7 @@ _WHERE = {
     "load_images": "data.loading",
     "normalize": "data.transforms",
     "padded_batches": "data.batching",
+    "printable": "data.imageset",
     "stratified_split": "data.splits",
 }
 __all__ = sorted(_WHERE)

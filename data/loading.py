@@ -50,7 +50,7 @@ def load_images(
     fingerprint = fingerprint_of(CACHE_VERSION, dataset, source, part, image_size)
     cache_path = None
     if cache_dir is not None:
-        key = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+        key = hashlib.sha1(os.fsencode(root)).hexdigest()[:10]
         cache_path = Path(cache_dir).expanduser() / f"{dataset}-{key}-{part}-{image_size}.pt"
         cached = _read_cache(cache_path, fingerprint, image_size)
         if cached is not None:

@@ -9,17 +9,15 @@ prints what is stored instead of training again.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from models import count_trainable
+from search.artifacts import WeightsStore, save_weights
 from search.errors import UserError
 from search.pipeline import load_parts, place
 from search.storage import artifact_dir  # noqa: F401 - re-exported: it moved to storage.py
@@ -28,12 +26,6 @@ from search.training import autocast, confusion_matrix
 from search.trial import has_convolutions, run_trial
 
 BEST_ATTR = "best_result"
-
-
-def artifact_store(url: str, override: Path | None = None) -> FileSystemArtifactStore:
-    folder = artifact_dir(url, override)
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(folder)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
@@ -123,7 +115,7 @@ def per_class_accuracy(matrix: list[list[int]]) -> list[float | None]:
 
 def retrain_and_test(
     study: optuna.Study,
-    store: FileSystemArtifactStore,
+    store: WeightsStore,
     device: torch.device,
     *,
     full_train: bool = False,
@@ -179,19 +171,9 @@ def retrain_and_test(
         "full_train": full_train,
         "device": str(device),
     }
-    result.update(_upload_weights(study, trial, trained.model, store))
+    result.update(save_weights(study, trial.number, trained.model, store))
     study.set_user_attr(BEST_ATTR, result)
     return result
-
-
-def _upload_weights(study: optuna.Study, trial: FrozenTrial, model: torch.nn.Module,
-                    store: FileSystemArtifactStore) -> dict[str, str]:
-    """The weights as a study artifact: a finished trial takes no new attributes, so the study holds them."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{study.study_name}-trial{trial.number}.pt"
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-        artifact_id = upload_artifact(study_or_trial=study, file_path=str(path), artifact_store=store)
-    return {"artifact_id": artifact_id, "artifact_file": path.name}
 
 
 def format_result(name: str, result: dict[str, Any]) -> str:

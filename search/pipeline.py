@@ -62,7 +62,7 @@ def load_parts(config: DataConfig, size: int, with_test: bool = False, full_trai
                 f"images per class {expect['images_per_class']} -> {now['images_per_class']}")
         raise DataError(f"the dataset {config.data_root or config.dataset} changed since the study was created "
                         f"({what}); restore it, or start new studies with --study-prefix")
-    train_idx, val_idx = stratified_split(everything.labels, config.val_fraction, config.split_seed)
+    train_idx, val_idx = stratified_split(everything.labels, config.val_fraction, config.split_seed, everything.classes)
     parts = {"train": everything if full_train else everything.subset(train_idx), "val": everything.subset(val_idx)}
     if with_test:
         parts["test"] = load_images(config.dataset, config.data_root, "test", size, config.cache_dir)

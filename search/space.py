@@ -215,10 +215,14 @@ def load_space_file(path: Path | str, models: Iterable[str]) -> dict[str, dict[s
     `models`: the known family names; a table of any other name is a UserError.
     """
     path, known = Path(path), list(models)
+    if path.is_dir():
+        raise UserError(f"space file {path} is a folder; pass a TOML file, e.g. --space my_space.toml")
     try:
         content = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"space file {path} does not exist") from None
+    except OSError as error:  # no permission, a device that cannot be read
+        raise UserError(f"cannot read space file {path} ({error.strerror or error})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"space file {path} is not valid TOML: {error}") from None
     for family, table in content.items():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from data import ImageSet
+from search.errors import os_reason
 from search.family import Family
 from search.features import FeatureBatches
 from search.pipeline import Augmentation, DataConfig, ImageBatches
@@ -95,12 +96,14 @@ class Checkpoint:
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({**state, "identity": {**self.identity, **conditions}}, temporary)
+            with open(temporary, "wb") as file:  # a file object: torch's error then carries the OSError
+                torch.save({**state, "identity": {**self.identity, **conditions}}, file)
             os.replace(temporary, self.path)
         except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
             with contextlib.suppress(OSError):
                 temporary.unlink()
-            _log.warning("could not write checkpoint %s (%s); this run cannot resume from it", self.path, error)
+            _log.warning("could not write checkpoint %s (%s); this run cannot resume from it", self.path,
+                         os_reason(error))
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from data import DataError, ImageSet
 from models import count_trainable
-from search.errors import USER_ERRORS
+from search.errors import USER_ERRORS, StorageUnavailable
 from search.pipeline import DataConfig, load_parts, place
 from search.space import suggest
 from search.storage import budget_lock
@@ -133,6 +133,8 @@ class StudyWork:
             return Outcome(TrialState.FAIL, None, f"out of memory: {str(error).splitlines()[0]}")
         except DataError:
             raise  # not this setting's fault: the worker leaves the study, the trial is queued again
+        except StorageUnavailable:
+            raise  # damaged, read-only or full: the worker stops, its trial is run again (queued, or when stale)
         except USER_ERRORS as error:
             return Outcome(TrialState.FAIL, None, f"invalid parameters: {error}")
         except StopRequested:

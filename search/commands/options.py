@@ -176,7 +176,12 @@ def add_storage_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def open_existing(args: argparse.Namespace) -> tuple[Any, str]:
-    """The storage, refusing to create an empty SQLite file where the user expected their studies."""
+    """The storage, refusing to create an empty SQLite file where the user expected their studies.
+
+    A file this process may not write (a shared result, a read-only mount) is opened read-only: report,
+    dashboard and best printing stored results work, and what would write says so in one line.
+    """
+    from search.errors import StorageReadOnly
     from search.storage import open_storage, storage_file
 
     url = storage_url(args)
@@ -184,7 +189,10 @@ def open_existing(args: argparse.Namespace) -> tuple[Any, str]:
     if path is not None and not path.is_file():
         raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
                         "or pass --storage with the URL the search used")
-    return open_storage(url), url
+    try:
+        return open_storage(url), url
+    except StorageReadOnly:
+        return open_storage(url, read_only=True), url
 
 
 def storage_url(args: argparse.Namespace) -> str:

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import optuna
 
-from search.best import artifact_store, best_trial, format_result, retrain_and_test, stored_result
+from data import printable
+from search.artifacts import artifact_store
+from search.best import best_trial, format_result, retrain_and_test, stored_result
 from search.commands.options import (host_data_overrides, models, open_existing, print_search, search_request,
                                      storage_url)
-from search.errors import USER_ERRORS, UserError
+from search.errors import USER_ERRORS, StorageUnavailable, UserError
 from search.family import get_family
 from search.pipeline import resolve_device
-from search.storage import artifact_dir, redact
+from search.storage import RetryingStorage, artifact_dir, redact
 from search.studies import existing_study_names, load_settings, load_stored_families, study_name
 
 
@@ -22,11 +24,12 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: str, device_name: str
+def test_best(args: argparse.Namespace, storage: RetryingStorage, url: str, device_name: str
               ) -> tuple[int, list[str]]:
     """Retrain and test the best trial of each chosen study, or print its stored result.
 
-    Returns (studies with a result, one line per study that had none).
+    Returns (studies with a result, one line per study that had none). A storage opened read-only prints
+    stored results only: a study that would be retrained is refused in one line, and no plot is saved.
     """
     load_stored_families(storage)
     families = models(args)
@@ -42,14 +45,18 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
                         + (f" with prefix {args.study_prefix!r}" if args.study_prefix else "")
                         + "; run `stl10-search search` first")
     device = resolve_device(device_name)
-    store = artifact_store(url, getattr(args, "artifacts", None))
     tested, problems = 0, []
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         try:
             trial = best_trial(study)
             result = None if getattr(args, "force", False) else stored_result(study, trial, args.full_train)
+            if result is None and storage.read_only:
+                raise storage.read_only_error("--force retrains and stores the result" if getattr(args, "force", False)
+                                              else f"study {name!r} has no stored result for trial #{trial.number}, "
+                                                   "and retraining would store one")
             if result is None:
+                store = artifact_store(url, getattr(args, "artifacts", None))
                 result = retrain_and_test(study, store, device, full_train=args.full_train,
                                           data_overrides=host_data_overrides(args), log=_log)
                 from search.dashboard import save_dashboard_plots
@@ -59,6 +66,8 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
                      f"in {artifact_dir(url, getattr(args, 'artifacts', None))}")
             else:
                 _log(f"[{name}] trial #{trial.number} already tested; printing the stored result (--force retrains)")
+        except StorageUnavailable:
+            raise  # the storage's fault, not this study's: no other study would fare better
         except USER_ERRORS as error:
             problems.append(str(error))
             continue
@@ -71,7 +80,7 @@ def test_best(args: argparse.Namespace, storage: optuna.storages.BaseStorage, ur
             continue
         print(format_result(name, result), flush=True)
         tested += 1
-    if tested:
+    if tested and not storage.read_only:
         from search.dashboard import save_tradeoff_plots
 
         save_tradeoff_plots(storage, args.study_prefix)  # trials added since the last retrain are points too
@@ -107,8 +116,8 @@ def report(args: argparse.Namespace, storage: optuna.storages.BaseStorage, url: 
         raise UserError(f"cannot write the report into {args.out} ({error.strerror or error}); "
                         "pass a writable --out folder") from None
     main = next((p for p in written if p.name == "report.html"), written[0])
-    print(f"report written to {Path(args.out)}/ ({', '.join(p.name for p in written if p.parent == Path(args.out))}); "
-          f"open {main}")
+    print(printable(f"report written to {Path(args.out)}/ "
+                    f"({', '.join(p.name for p in written if p.parent == Path(args.out))}); open {main}"))
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
@@ -119,9 +128,11 @@ def run_dashboard(args: argparse.Namespace) -> int:
     if warning:
         _log(warning)
     folder = artifact_dir(url, args.artifacts)
-    _log(f"optuna-dashboard for {redact(url)} (artifacts in {folder}) on http://{args.host}:{args.port}/ ; Ctrl-C stops")
+    read_only = " read-only (nothing can be changed from it)" if storage.read_only else ""
     try:
-        serve(storage, artifact_store(url, args.artifacts), args.host, args.port)
+        serve(storage, artifact_store(url, args.artifacts), args.host, args.port,
+              on_ready=lambda address: _log(f"optuna-dashboard{read_only} for {redact(url)} (artifacts in {folder}) "
+                                            f"on {address} ; Ctrl-C stops"))
     except OSError as error:
         raise UserError(f"cannot serve on {args.host}:{args.port} ({error.strerror or error}); "
                         "pick another --port") from None
