@@ -25,7 +25,7 @@ import torch
 
 import search.launcher
 import search.progress
-from search.commands.results import _best_device
+from search.commands.results import best_device as _best_device
 from search.errors import UserError
 from search.launcher import (LAUNCHER_PID_ENV, WorkerSlot, check_worker_count, plan_workers, start_workers,
                              supervise)

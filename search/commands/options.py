@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -22,6 +21,7 @@ from search.trackers import TRACKERS, describe as describe_trackers, parse_spec 
 
 if TYPE_CHECKING:
     from search.pipeline import DataConfig
+    from search.services.results import BestRequest, ReportRequest, StudiesRequest
     from search.services.searching import SearchOutcome, SearchRequest, WorkerRequest
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*")
@@ -175,26 +175,6 @@ def add_storage_argument(parser: argparse.ArgumentParser) -> None:
                         help="prefix of the study names (default: none, a study per model)")
 
 
-def open_existing(args: argparse.Namespace) -> tuple[Any, str]:
-    """The storage, refusing to create an empty SQLite file where the user expected their studies.
-
-    A file this process may not write (a shared result, a read-only mount) is opened read-only: report,
-    dashboard and best printing stored results work, and what would write says so in one line.
-    """
-    from search.errors import StorageReadOnly
-    from search.storage import open_storage, storage_file
-
-    url = storage_url(args)
-    path = storage_file(url)
-    if path is not None and not path.is_file():
-        raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
-                        "or pass --storage with the URL the search used")
-    try:
-        return open_storage(url), url
-    except StorageReadOnly:
-        return open_storage(url, read_only=True), url
-
-
 def storage_url(args: argparse.Namespace) -> str:
     return args.storage or from_environment(STORAGE_ENV) or DEFAULT_STORAGE
 
@@ -331,3 +311,31 @@ def print_search(outcome: SearchOutcome) -> int:
     for problem in outcome.problems:
         print(f"stl10-search: {problem}", file=sys.stderr)
     return outcome.exit_code
+
+
+def studies_request(args: argparse.Namespace) -> StudiesRequest:
+    """Which finished studies a results command works on: --storage, --study-prefix, --model, --artifacts."""
+    from search.services.results import StudiesRequest
+
+    chosen = getattr(args, "model", None)
+    return StudiesRequest(storage=storage_url(args), study_prefix=args.study_prefix,
+                          models=None if chosen is None or chosen.strip() == "all" else models(args),
+                          artifacts=getattr(args, "artifacts", None))
+
+
+def best_request(args: argparse.Namespace) -> BestRequest:
+    from search.services.results import BestRequest
+
+    if getattr(args, "family_file", None):
+        models(args)  # register the families of --family-file
+    return BestRequest(**vars(studies_request(args)), full_train=args.full_train, force=getattr(args, "force", False),
+                       device=args.device if hasattr(args, "device") else "auto", host_data=host_data_overrides(args),
+                       track=list(getattr(args, "track", None) or []))
+
+
+def report_request(args: argparse.Namespace) -> ReportRequest:
+    from search.report import parse_formats
+    from search.services.results import ReportRequest
+
+    formats = parse_formats(args.format) if getattr(args, "format", None) else None
+    return ReportRequest(**vars(studies_request(args)), out=Path(args.out), formats=formats, cache_dir=args.cache_dir)
