@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.progress import ProgressDisplay, StudyStatus, summary_lines
+from search.records import TrialRecord
 from search.studies import ENDED_ATTR, count_trials, counts_of, requeued_numbers, search_seconds
 from search.storage import storage_kind
 
@@ -332,7 +333,7 @@ def search_failures(processes: list[subprocess.Popen], log_paths: list[Path], st
         counts = counts_of(trials)
         if counts.finished == 0 and counts.failed:
             requeued = requeued_numbers(trials)
-            reasons = Counter(t.user_attrs.get("reason") or "no reason stored" for t in trials
+            reasons = Counter(TrialRecord.load(t).reason or "no reason stored" for t in trials
                               if t.state == TrialState.FAIL and t.number not in requeued)
             reason, count = reasons.most_common(1)[0]
             problems.append(f"{study.study_name}: no trial finished; {counts.failed} failed, {count} of them with: "

@@ -46,6 +46,11 @@ class Provenance:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def host(self) -> dict[str, Any]:
+        """What ran one trial, kept on its record: the machine, its GPUs or CPU, the threads and the commit."""
+        return {"hostname": self.hostname, "gpus": self.gpus, "cpu": self.cpu, "threads": self.threads,
+                "git_commit": self.git_commit, "git_dirty": self.git_dirty}
+
 
 def provenance() -> Provenance:
     """This process's provenance; everything but the thread count is collected on the first call only."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from search.cli import main
+from search.records import BestResult, TrialRecord
 
 TEST_LINE = re.compile(r"^(\S+): test accuracy ([\d.]+%), test loss ([\d.]+)", re.MULTILINE)
 
@@ -58,11 +59,11 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     import optuna
 
     study = optuna.load_study(study_name="logreg", storage=tested["url"])
-    result = study.user_attrs["best_result"]
+    result = BestResult.load(study).to_json()
     assert f"{result['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
     assert result["trial"] == study.best_trial.number
-    assert result["epochs"] == study.best_trial.user_attrs["best_epoch"]  # retrained to the epoch validation chose
-    assert result["params"] == study.best_trial.user_attrs["params"]  # on the trial's own schedule
+    assert result["epochs"] == TrialRecord.load(study.best_trial).best_epoch  # retrained to the epoch validation chose
+    assert result["params"] == TrialRecord.load(study.best_trial).params  # on the trial's own schedule
     assert set(result["latency_ms"]) == {"batch_1", "batch_256"} and all(v > 0 for v in result["latency_ms"].values())
     assert set(result["latency_iqr_ms"]) == {"batch_1", "batch_256"} and result["latency_threads"] >= 1
     assert len(result["confusion_matrix"]) == len(result["classes"]) == len(result["per_class_accuracy"]) == 4
@@ -113,7 +114,7 @@ def test_best_saves_the_cross_model_plot_on_every_study(tested: dict) -> None:
 def test_retraining_reproduces_the_trial_on_the_cpu(tested: dict) -> None:
     import optuna
 
-    result = optuna.load_study(study_name="logreg", storage=tested["url"]).user_attrs["best_result"]
+    result = BestResult.load(optuna.load_study(study_name="logreg", storage=tested["url"])).to_json()
     assert result["retrained_val_accuracy"] == result["val_accuracy"]
 
 
@@ -129,7 +130,7 @@ def test_full_train_retrains_on_train_and_validation(searched: dict, tmp_path: P
     code = main(["best", "--model", "logreg", "--full-train", "--storage", url, "--cache-dir", searched["cache"]])
     assert code == 0
     assert "on train+validation" in capsys.readouterr().err
-    result = optuna.load_study(study_name="logreg", storage=url).user_attrs["best_result"]
+    result = BestResult.load(optuna.load_study(study_name="logreg", storage=url)).to_json()
     assert result["full_train"] is True and sum(map(sum, result["confusion_matrix"])) == 24
 
 
@@ -255,11 +256,10 @@ def test_a_cpu_retrain_uses_the_trials_thread_count(searched: dict) -> None:
     from search.best import same_threads
 
     trial = optuna.load_study(study_name="logreg", storage=searched["url"]).best_trial
-    assert trial.user_attrs["threads"] == torch.get_num_threads()  # the worker recorded its own
-    other = optuna.trial.create_trial(value=0.5, user_attrs={"threads": 2})
+    assert TrialRecord.load(trial).threads == torch.get_num_threads()  # the worker recorded its own
     before = torch.get_num_threads()
-    with same_threads(other, torch.device("cpu")):
+    with same_threads(2, torch.device("cpu")):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
-    with same_threads(other, torch.device("meta")):  # a GPU run is not made deterministic by threads
+    with same_threads(2, torch.device("meta")):  # a GPU run is not made deterministic by threads
         assert torch.get_num_threads() == before

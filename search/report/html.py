@@ -111,14 +111,14 @@ def render_html(reports: list[StudyReport], header: list[str], pictures: dict[st
         if r.reference_trial is not None:
             body += ["<h3>Hand-found setting against the searched best</h3>", html_table(reference_table(r))]
         if r.result:
-            body += [f"<h3>Test result (trial #{r.result['trial']} retrained"
-                     f"{' on train+validation' if r.result['full_train'] else ''})</h3>",
+            body += [f"<h3>Test result (trial #{r.result.trial} retrained"
+                     f"{' on train+validation' if r.result.full_train else ''})</h3>",
                      f"<p>{html.escape(test_result_text(r.result))}</p>", html_table(per_class_table(r))]
         for name, figure in study_figures(r).items():
             body += [f"<h3>{html.escape(name.capitalize())}</h3>", plots.div(figure)]
         if r.history:
             body += ["<details><summary>Learning curves as a table</summary>", html_table(curves_table(r)), "</details>"]
-        body += ["<h3>Trials</h3>", html_table(trials_table(r), text_columns=("reason", "params")), "</section>"]
+        body += ["<h3>Trials</h3>", html_table(trials_table(r), text_columns=("why it ended", "parameters")), "</section>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>STL-10 hyperparameter search report</title>\n"
             f"{_ERROR_RECORDER}\n{_STYLE}\n<script>{plotly.offline.get_plotlyjs()}</script>\n</head>\n<body>\n"

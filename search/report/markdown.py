@@ -57,8 +57,8 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
         if r.importances:
             parts += ["### Parameter importances", "", markdown_table(importance_table(r)), ""]
         if r.result:
-            parts += [f"### Test result (trial #{r.result['trial']} retrained"
-                      f"{' on train+validation' if r.result['full_train'] else ''})", "",
+            parts += [f"### Test result (trial #{r.result.trial} retrained"
+                      f"{' on train+validation' if r.result.full_train else ''})", "",
                       _text(test_result_text(r.result)), "", markdown_table(per_class_table(r)), ""]
         parts += ["### Trials", "", markdown_table(trials_table(r)), ""]
     return "\n".join(parts)
