@@ -121,14 +121,16 @@ def test_no_command_module_imports_another() -> None:
     assert {m: sorted(graph[m] & commands) for m in commands if graph[m] & commands} == {}
 
 
-@pytest.mark.parametrize("planted, expected", [
-    ("from search.training import train_epoch\n", "search.pipeline (layer 2) imports search.training (layer 3)"),
-    ("import search.cli\n", "search.pipeline (layer 2) imports search.cli (layer 10)"),
+@pytest.mark.parametrize("planted, target", [
+    ("from search.training import train_epoch\n", "search.training"),
+    ("import search.cli\n", "search.cli"),
 ])
-def test_a_planted_upward_import_is_caught(planted: str, expected: str) -> None:
+def test_a_planted_upward_import_is_caught(planted: str, target: str) -> None:
     graph = import_graph()
     path = REPO_ROOT / "search" / "pipeline.py"
     graph["search.pipeline"] = imports_of_text(planted + path.read_text(), "search.pipeline", set(graph))
+    expected = (f"search.pipeline (layer {layer_of('search.pipeline')}) imports {target} "
+                f"(layer {layer_of(target)})")
     assert expected in upward_imports(graph)
 
 
