@@ -21,7 +21,7 @@ from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
 from search.studies import (DATA_ATTR, ENDED_ATTR, StudySettings, create_or_update, data_fields, existing_study_names,
                             load_settings, set_deadlines, study_name)
-from search.trackers import TrackerSpec
+from search.trackers import TrackerSpec, open_trackers
 from search.warmstart import warm_start
 from search.worker import work
 
@@ -333,6 +333,10 @@ def run_worker(request: WorkerRequest, stop: threading.Event, log: Log) -> dict[
                         "to create it")
     if missing or request.changes:
         create_studies(request.search, log)
-    with exclusive_worker(storage, names):  # a journal takes one worker at a time
-        return work(storage, names, device, stop, data_overrides=request.host_data,
-                    checkpoint_dir=request.search.checkpoint_dir, log=log)
+    trackers = open_trackers(request.search.track, log)
+    try:
+        with exclusive_worker(storage, names):  # a journal takes one worker at a time
+            return work(storage, names, device, stop, data_overrides=request.host_data,
+                        checkpoint_dir=request.search.checkpoint_dir, log=log, trackers=trackers)
+    finally:
+        trackers.close()
