@@ -132,6 +132,10 @@ def version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if argv is not None:  # run from Python: sys.argv is not this command
+            from search.provenance import record_command
+
+            record_command(argv)
         quiet_optuna()
         module_name, function_name = args.handler.split(":")
         handler = getattr(importlib.import_module(module_name), function_name)

@@ -24,6 +24,7 @@ from search.errors import UserError
 from search.family import Family, get_family, load_family_file
 from search.pipeline import STORED_DATA_FIELDS, DataConfig
 from search.optuna_private import study_id
+from search.provenance import provenance
 from search.records import TrialRecord, retried_number
 from search.sampling import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from search.space import Dim, customize
@@ -32,6 +33,7 @@ SETTINGS_ATTR = "settings"
 DEADLINE_ATTR = "deadline"  # UTC seconds since the epoch after which no trial starts and running ones stop
 ENDED_ATTR = "ended"  # why the last search of the study ended: its trial budget or its time budget
 DATA_ATTR = "data_identity"  # classes and images per class of the train part the study searched
+PROVENANCE_ATTR = "provenance"  # what ran the search that last created or continued it (search.provenance)
 OBJECTIVE_NAME = "validation accuracy"
 
 
@@ -131,6 +133,7 @@ def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: 
     if study.metric_names != [OBJECTIVE_NAME]:
         study.set_metric_names([OBJECTIVE_NAME])  # optuna-dashboard shows it instead of "Objective 0"
     save_settings(study, settings)
+    study.set_user_attr(PROVENANCE_ATTR, provenance().as_dict())
     if enqueue_reference:
         family = settings.model_family()
         study.enqueue_trial(family.reference_trial(settings.dims()), user_attrs=TrialRecord(reference=True).user_attrs(),

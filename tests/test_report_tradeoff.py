@@ -140,7 +140,7 @@ def test_reference_row_and_markdown(three_models: str) -> None:
     from search.report.markdown import render_markdown
 
     reports = collect(optuna.storages.RDBStorage(three_models))
-    text = render_markdown(reports, ["header"], {})
+    text = render_markdown(reports, "a report", ["header"], {})
     tradeoff = text.index("## Accuracy, size and latency across models")
     assert tradeoff < text.index("## Summary") and "| CNN | #1 | 61.50% test | 80,000 | 0.8 / 0.03 |" in text
     assert "Smallest model within 1 point of the best" in text
@@ -183,7 +183,7 @@ def test_without_latency_or_completed_trials(tmp_path: Path) -> None:
     only_pruned = tradeoff_figure(reports)
     assert [t.marker.symbol for t in only_pruned.data if t.mode == "markers"] == ["circle-open"]
     assert smallest_line(reports) == "No model has a completed trial with a parameter count yet."
-    assert "No model has a completed trial with a parameter count yet." in render_html(reports, [], {})
+    assert "No model has a completed trial with a parameter count yet." in render_html(reports, "a report", [], {})
     assert tradeoff_figure([]) is None  # no study at all: no figure
 
     add_study(url, "logreg", tmp_path, [(TrialState.COMPLETE, 0.3, 12_290)],

@@ -192,6 +192,27 @@ def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixtur
                                                                                       ("mlp", "waiting")]
     assert "param_lr" in rows[0]
 
+    with (out_dir / "summary.csv").open() as file:
+        summary = {row["study"]: row for row in csv.DictReader(file)}
+    assert f"{float(summary['logreg']['test_accuracy']):.2%}" == accuracy  # numbers, not "47.22%"
+    assert float(summary["logreg"]["search_seconds"]) >= 0 and int(summary["logreg"]["parameters"]) > 0
+    assert (summary["mlp"]["finished"], summary["mlp"]["trial_budget"], summary["mlp"]["test_accuracy"]) == ("0", "3", "")
+
+
+def test_the_report_header_names_the_dataset_and_what_ran_the_search(tested: dict, tmp_path: Path,
+                                                                      tiny_imagefolder: Path) -> None:
+    import importlib.metadata
+
+    assert main(["report", "--out", str(tmp_path), "--format", "md,html", "--storage", tested["url"]]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith(f"# {tiny_imagefolder.name} hyperparameter search report\n")  # not always STL-10
+    header = markdown.split("## ")[0]
+    assert f"torch {torch.__version__}" in header and f"optuna {importlib.metadata.version('optuna')}" in header
+    assert "Search code: git commit " in header or "Search code: not a git checkout" in header
+    assert f"Search machine: CPU " in header and f"{torch.get_num_threads()} thread(s)" in header
+    assert "Search command: " in header and " search --model logreg,mlp" in header
+    assert f"<title>{tiny_imagefolder.name} hyperparameter search report</title>" in (tmp_path / "report.html").read_text()
+
 
 def test_report_format_subset(tested: dict, tmp_path: Path) -> None:
     assert main(["report", "--out", str(tmp_path), "--format", "json,csv", "--storage", tested["url"]]) == 0

@@ -19,13 +19,14 @@ import optuna
 
 from data import DataError, load_images, printable
 from search.errors import UserError
+from search.provenance import describe
 from search.records import TrialRecord
-from search.studies import state_name
+from search.studies import PROVENANCE_ATTR, state_name
 from search.report.collect import StudyReport, collect, trial_reason, trial_seconds
 from search.report.html import render_html
 from search.report.markdown import render_markdown
 from search.report.pictures import PICTURE_SIZE, augmentation_picture, data_grid
-from search.report.tables import summary_table
+from search.report.tables import summary_csv
 
 FORMATS = ("md", "html", "json", "csv")
 PICTURES = {"data_grid.png": "4 random train images per class", "augmentation.png":
@@ -112,6 +113,13 @@ def trials_csv(path: Path, reports: list[StudyReport]) -> None:
                [[row[h] for h in headers] + [params.get(n, "") for n in names] for row, params in rows])
 
 
+def dataset_name(data: dict[str, Any]) -> str:
+    """"STL-10", or an image folder's own name: what the report's title says was searched."""
+    if data.get("dataset") == "stl10":
+        return "STL-10"
+    return printable(Path(data.get("data_root") or "image folder").name)
+
+
 def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[str] | tuple[str, ...] = FORMATS,
                  *, prefix: str = "", storage_name: str = "", cache_dir: Path | None = None,
                  log: Callable[[str], None] = print) -> list[Path]:
@@ -122,10 +130,13 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
     """
     reports = collect(storage, prefix)
     out.mkdir(parents=True, exist_ok=True)
+    title = f"{dataset_name(reports[0].settings.data)} hyperparameter search report"
+    searched = reports[0].study.user_attrs.get(PROVENANCE_ATTR)
     header = [f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}" + (f" from {storage_name}" if storage_name else ""),
               f"Dataset: {reports[0].settings.data.get('dataset')}"
               + (f" ({reports[0].settings.data.get('data_root')})" if reports[0].settings.data.get("data_root") else "")
-              + ("; reference columns: the hand-tuned study of SPEC.md" if any(r.reference for r in reports) else "")]
+              + ("; reference columns: the hand-tuned study of SPEC.md" if any(r.reference for r in reports) else ""),
+              *(f"Search {line[0].lower()}{line[1:]}" for line in (describe(searched) if searched else []))]
     written = []
     pictures = data_pictures(reports[0], cache_dir, log) if {"md", "html"} & set(formats) else {}
     if "md" in formats:
@@ -135,10 +146,10 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
             written.append(out / "images" / name)
         links = {PICTURES[name]: f"images/{name}" for name in pictures}
         written.append(out / "report.md")
-        written[-1].write_text(printable(render_markdown(reports, header, links)), encoding="utf-8")
+        written[-1].write_text(printable(render_markdown(reports, title, header, links)), encoding="utf-8")
     if "html" in formats:
         written.append(out / "report.html")
-        page = render_html(reports, header, {PICTURES[n]: png for n, png in pictures.items()})
+        page = render_html(reports, title, header, {PICTURES[n]: png for n, png in pictures.items()})
         written[-1].write_text(printable(page), encoding="utf-8")
     if "json" in formats:
         written.append(out / "report.json")
@@ -149,7 +160,7 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
         written.append(out / "trials.csv")
         trials_csv(written[-1], reports)
         written.append(out / "summary.csv")
-        _write_csv(written[-1], *summary_table(reports))
+        _write_csv(written[-1], *summary_csv(reports))
     return written
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -40,39 +41,76 @@ def value_text(value: Any) -> str:
     return str(value)
 
 
-def summary_table(reports: list[StudyReport]) -> Table:
-    """Per model: the search's figures, and the hand-tuned study's next to them when the data is STL-10."""
-    with_reference = any(r.reference for r in reports)
-    with_hand_found = any(r.reference_trial for r in reports)
-    headers = ["model", "study", "best val acc", "test acc", "test loss", "trainable params",
-               "finished", "pruned", "failed", "interrupted", "queued", "search time"]
-    if with_hand_found:
-        headers += ["hand-found setting val acc"]
-    if with_reference:
-        headers += ["reference val acc", "reference test acc", "reference test loss", "reference params"]
+class Link(str):
+    """A table cell that links somewhere: Markdown and HTML show its text as a link to `href`."""
+
+    href: str
+
+    def __new__(cls, text: str, href: str) -> Link:
+        cell = super().__new__(cls, text)
+        cell.href = href
+        return cell
+
+
+# The summary's columns: (CSV name, shown heading, how a value is shown). summary.csv holds the values as numbers
+# (fractions, counts, seconds); Markdown and HTML show them formatted.
+_SUMMARY: list[tuple[str, str, Any]] = [
+    ("model", "model", str), ("study", "study", str), ("best_val_accuracy", "best val acc", percent),
+    ("test_accuracy", "test acc", percent), ("test_loss", "test loss", number), ("parameters", "trainable params",
+                                                                                  lambda v: count_text(v)),
+    ("finished", "finished", str), ("trial_budget", "budget", lambda v: "-" if v is None else str(v)),
+    ("pruned", "pruned", str), ("failed", "failed", str), ("interrupted", "interrupted", str), ("queued", "queued", str),
+    ("search_seconds", "search time", duration),
+]
+_HAND_FOUND = [("hand_found_val_accuracy", "hand-found setting val acc",
+                lambda v: percent(v) if isinstance(v, float) else v or "-")]  # its accuracy, or its state
+_REFERENCE = [("reference_val_accuracy", "reference val acc", percent),
+              ("reference_test_accuracy", "reference test acc", percent),
+              ("reference_test_loss", "reference test loss", lambda v: number(v, 3)),
+              ("reference_parameters", "reference params", lambda v: count_text(v))]
+_BUNDLE = [("bundle", "bundle", lambda v: "-" if v is None else Link("bundle", Path(v).as_uri()))]
+
+
+def summary_rows(reports: list[StudyReport]) -> tuple[list[tuple[str, str, Any]], list[list[Any]]]:
+    """Per model the search's figures as values, the hand-tuned study's beside them when the data is STL-10, and
+    the exported bundle when there is one: (columns, rows)."""
+    columns = list(_SUMMARY)
+    columns += _HAND_FOUND if any(r.reference_trial for r in reports) else []
+    columns += _REFERENCE if any(r.reference for r in reports) else []
+    columns += _BUNDLE if any(r.result and r.result.bundle for r in reports) else []
     rows = []
     for r in reports:
-        row = [r.title, r.name, percent(r.best.value if r.best else None),
-               percent(r.result.test_accuracy if r.result else None),
-               number(r.result.test_loss if r.result else None), count_text(r.parameters),
-               f"{r.counts.finished}/{r.settings.n_trials}" if r.settings.n_trials else str(r.counts.finished),
-               str(r.counts.pruned), str(r.counts.failed), str(r.counts.interrupted), str(r.counts.waiting),
-               duration(r.search_seconds)]
-        if with_hand_found:
-            row += [_trial_outcome(r, r.reference_trial)]
-        if with_reference:
-            ref = r.reference or {}
-            row += [percent(ref.get("val_accuracy")), percent(ref.get("test_accuracy")),
-                    number(ref.get("test_loss"), 3), count_text(ref.get("parameters"))]
-        rows.append(row)
-    return headers, rows
+        ref = r.reference or {}
+        values = {"model": r.title, "study": r.name, "best_val_accuracy": r.best.value if r.best else None,
+                  "test_accuracy": r.result.test_accuracy if r.result else None,
+                  "test_loss": r.result.test_loss if r.result else None, "parameters": r.parameters,
+                  "finished": r.counts.finished, "trial_budget": r.settings.n_trials, "pruned": r.counts.pruned,
+                  "failed": r.counts.failed, "interrupted": r.counts.interrupted, "queued": r.counts.waiting,
+                  "search_seconds": r.search_seconds, "hand_found_val_accuracy": _outcome(r, r.reference_trial),
+                  "reference_val_accuracy": ref.get("val_accuracy"), "reference_test_accuracy": ref.get("test_accuracy"),
+                  "reference_test_loss": ref.get("test_loss"), "reference_parameters": ref.get("parameters"),
+                  "bundle": r.result.bundle if r.result else None}
+        rows.append([values[name] for name, _, _ in columns])
+    return columns, rows
 
 
-def _trial_outcome(report: StudyReport, trial: FrozenTrial | None) -> str:
+def summary_table(reports: list[StudyReport]) -> Table:
+    """The summary as shown: percentages, thousands separators, durations, a link to each bundle."""
+    columns, rows = summary_rows(reports)
+    return [heading for _, heading, _ in columns], [[show(v) for (_, _, show), v in zip(columns, row)] for row in rows]
+
+
+def summary_csv(reports: list[StudyReport]) -> tuple[list[str], list[list[Any]]]:
+    """The summary as numbers: fractions, counts, seconds; what a spreadsheet or pandas reads."""
+    columns, rows = summary_rows(reports)
+    return [name for name, _, _ in columns], rows
+
+
+def _outcome(report: StudyReport, trial: FrozenTrial | None) -> float | str | None:
     """The validation accuracy of a completed trial, else its state ("pruned", "interrupted", "waiting", ...)."""
     if trial is None:
-        return "-"
-    return percent(trial.value) if trial.state == TrialState.COMPLETE else state_name(trial, report.requeued)
+        return None
+    return trial.value if trial.state == TrialState.COMPLETE else state_name(trial, report.requeued)
 
 
 def _setting(report: StudyReport, trial: FrozenTrial) -> dict[str, Any]:
@@ -100,7 +138,7 @@ def reference_table(report: StudyReport) -> Table:
     reason = trial_reason(reference, report.record(reference))
     rows = [["trial", f"#{reference.number}", f"#{best.number}" if best else "-", ""],
             ["state", state_name(reference, report.requeued), "complete" if best else "-", ""],
-            ["val acc", _trial_outcome(report, reference), percent(best.value) if best else "-", ""],
+            ["val acc", _HAND_FOUND[0][2](_outcome(report, reference)), percent(best.value) if best else "-", ""],
             ["test acc", test_accuracy(reference), test_accuracy(best), ""],
             ["trainable params", size(reference), size(best), ""]]
     if reason and reference.state != TrialState.COMPLETE:
