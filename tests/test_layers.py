@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
      "search.provenance", "search.trackers"),  # Optuna: storage, studies, records; trackers, which read records
     ("search.worker", "search.best", "search.launcher", "search.bundle"),  # running trials, retraining the best
     ("search.report", "search.dashboard"),  # what users read
-    ("search.services",),  # what each command does, for the command line and the Python API
+    ("search.services", "search.api"),  # what each command does, for the command line and the Python API
     ("search.commands", "search.cli"),  # the command line
     ("bench",),  # benchmarks, on top of everything
 ]
