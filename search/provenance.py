@@ -55,7 +55,8 @@ class Provenance:
 def describe(stored: dict[str, Any]) -> list[str]:
     """A stored provenance (`Provenance.as_dict()`) as lines for a reader: versions, code, machine, command."""
     packages = stored.get("packages") or {}
-    versions = ", ".join([f"Python {stored.get('python', '?')}", *(f"{name} {version}" for name, version in packages.items())])
+    versions = ", ".join([f"Python {stored.get('python', '?')}",
+                          *(f"{name} {version}" for name, version in packages.items())])
     commit = stored.get("git_commit")
     code = (f"git commit {commit[:12]}" + (" with local changes" if stored.get("git_dirty") else "") if commit
             else "not a git checkout (an installed package)")

@@ -136,8 +136,8 @@ def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: 
     study.set_user_attr(PROVENANCE_ATTR, provenance().as_dict())
     if enqueue_reference:
         family = settings.model_family()
-        study.enqueue_trial(family.reference_trial(settings.dims()), user_attrs=TrialRecord(reference=True).user_attrs(),
-                            skip_if_exists=True)
+        study.enqueue_trial(family.reference_trial(settings.dims()),
+                            user_attrs=TrialRecord(reference=True).user_attrs(), skip_if_exists=True)
     return study
 
 

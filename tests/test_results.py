@@ -144,6 +144,16 @@ def test_best_twice_prints_the_stored_result(tested: dict, capsys: pytest.Captur
     assert sorted((Path(tested["folder"]) / "artifacts").iterdir()) == artifacts  # no new weights
 
 
+def test_best_as_json_gives_each_stored_result(tested: dict, capsys: pytest.CaptureFixture) -> None:
+    code = main(["best", "--model", "logreg", "--storage", tested["url"], "--cache-dir", tested["cache"], "--json",
+                 "-q"])
+    out, err = capsys.readouterr()
+    (entry,) = json.loads(out)
+    assert code == 0 and err == "" and (entry["study"], entry["retrained"]) == ("logreg", False)
+    assert f"{entry['result']['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
+    assert entry["result"]["version"] == 2 and entry["result"]["latency_ms"]
+
+
 def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixture) -> None:
     out_dir = Path(tested["folder"]) / "report"
     code = main(["report", "--out", str(out_dir), "--storage", tested["url"], "--cache-dir", tested["cache"]])
@@ -209,7 +219,7 @@ def test_the_report_header_names_the_dataset_and_what_ran_the_search(tested: dic
     header = markdown.split("## ")[0]
     assert f"torch {torch.__version__}" in header and f"optuna {importlib.metadata.version('optuna')}" in header
     assert "Search code: git commit " in header or "Search code: not a git checkout" in header
-    assert f"Search machine: CPU " in header and f"{torch.get_num_threads()} thread(s)" in header
+    assert "Search machine: CPU " in header and f"{torch.get_num_threads()} thread(s)" in header
     assert "Search command: " in header and " search --model logreg,mlp" in header
     assert f"<title>{tiny_imagefolder.name} hyperparameter search report</title>" in (tmp_path / "report.html").read_text()
 

@@ -160,13 +160,13 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
     assert TrialRecord.load(queued).seed == TrialRecord.load(interrupted).seed
     assert TrialRecord.load(queued).retry_of == interrupted.number
     assert any("interrupted after epoch 1" in line for line in lines)
-    from search.launcher import summary_table
+    from search.launcher import summary_records, summary_table
     from search.studies import counts_of
 
     counts = counts_of([interrupted, queued])
     assert (counts.failed, counts.interrupted, counts.waiting) == (0, 1, 1)  # a Ctrl-C is no failed setting
     study = optuna.load_study(study_name="logreg", storage=open_storage(url))
-    header, row, ended = summary_table([study], study._storage).splitlines()
+    header, row, ended = summary_table(summary_records([study])).splitlines()
     assert dict(zip(header.split()[:7], row.split()[:7])) == {
         "study": "logreg", "finished": "0/2", "complete": "0", "pruned": "0", "failed": "0", "interrupted": "1",
         "queued": "1"}
@@ -362,3 +362,19 @@ def test_search_launches_workers_and_prints_the_summary(tiny_search, tmp_path, c
                         lines[0])
         assert re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] worker finished: logreg \d trial\(s\)", lines[-1])
     assert sum(t.state in FINISHED for t in tiny_search.trials(tiny_search.sqlite_url)) == 4
+
+
+def test_quiet_search_prints_its_summary_and_nothing_else_and_json_gives_it_as_values(tiny_search, tmp_path,
+                                                                                       capsys) -> None:
+    import json
+
+    from search.cli import main
+
+    code = main(["search", "--model", "logreg", "--n-trials", "2", "--workers", "1", "--storage",
+                 tiny_search.sqlite_url, "--param", "epochs=1", "--log-dir", str(tmp_path / "logs"), "-q", "--json",
+                 *tiny_search.data_args()])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""  # no progress, no "storage ..." or "starting ..." line
+    (study,) = json.loads(out)["studies"]
+    assert (study["study"], study["finished"], study["trial_budget"]) == ("logreg", 2, 2)
+    assert 0 <= study["best_val_accuracy"] <= 1 and study["ended"] == "trial budget met (2 finished)"

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from search.bundle import FILES, load_bundle, parse_formats
-from search.commands.options import studies_request
+from search.commands.options import say, studies_request
 from search.errors import UserError
 from search.pipeline import resolve_device
 from search.predict import format_confusion, format_prediction, predict, write_predictions
 from search.services.results import ExportRequest, export, load_best
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_export(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format) if args.format is not None else None
-    exported, problems = export(ExportRequest(**vars(studies_request(args)), out=Path(args.out), formats=formats), _log)
+    exported, problems = export(ExportRequest(**vars(studies_request(args)), out=Path(args.out), formats=formats), say)
     if not exported:
         raise UserError("; ".join(problems))
     for name, done, trained in exported:
@@ -29,7 +24,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"{name}: bundle {done.folder} ({sizes}; test accuracy {trained.test_accuracy:.2%}) "
               f"in {done.seconds:.1f}s", flush=True)
     for problem in problems:
-        _log(f"skipped: {problem}")
+        say(f"skipped: {problem}")
     return 0
 
 
@@ -40,14 +35,14 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError("predict takes image files, or --folder DIR, not both")
     device = resolve_device(args.device)
     if args.bundle is not None:
-        loaded = load_bundle(args.bundle, log=_log)
+        loaded = load_bundle(args.bundle, log=say)
     else:
         loaded = load_best(studies_request(args))
     predictions = predict(loaded, args.folder if args.folder is not None else args.images, top_k=args.top_k,
-                          device=device, batch_size=args.batch_size, log=_log)
+                          device=device, batch_size=args.batch_size, log=say)
     if args.out is not None:
         write_predictions(predictions, args.out)
-        _log(f"wrote {len(predictions.rows)} predictions to {args.out}")
+        say(f"wrote {len(predictions.rows)} predictions to {args.out}")
     else:
         for row in predictions.rows:
             print(format_prediction(row))

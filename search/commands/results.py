@@ -3,37 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 from typing import Any
 
 from data import printable
 from search.best import format_result
-from search.commands.options import best_request, print_search, report_request, search_request, studies_request
+from search.commands.options import (best_request, print_search, report_request, say, search_request,
+                                     studies_request)
 from search.errors import UserError
 from search.services.results import (DashboardRequest, RunRequest, Tested, retrain_best, run, serve_dashboard,
                                      write_report)
 from search.services.searching import SearchOutcome
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_best(args: argparse.Namespace) -> int:
-    outcome = retrain_best(best_request(args), _log)
+    outcome = retrain_best(best_request(args), say)
     if not outcome.tested:
         raise UserError("; ".join(outcome.problems))
-    for tested in outcome.tested:
+    if args.json:
+        print(json.dumps([{"study": t.study, "retrained": t.retrained, "result": t.result.to_json()}
+                          for t in outcome.tested], indent=2))
+    for tested in [] if args.json else outcome.tested:
         print(format_result(tested.study, tested.result), flush=True)
     for problem in outcome.problems:
-        _log(f"skipped: {problem}")
+        say(f"skipped: {problem}")
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
     request = report_request(args)
-    print_written(request.out, write_report(request, _log))
+    print_written(request.out, write_report(request, say))
     return 0
 
 
@@ -45,7 +45,7 @@ def print_written(out: Path, written: list[Path]) -> None:
 
 def run_dashboard(args: argparse.Namespace) -> int:
     serve_dashboard(DashboardRequest(**vars(studies_request(args)), host=args.host, port=args.port,
-                                     allow_remote=args.allow_remote), _log)
+                                     allow_remote=args.allow_remote), say)
     return 0
 
 
@@ -64,7 +64,7 @@ def run_run(args: argparse.Namespace) -> int:
 
     def show(item: Any) -> None:
         if isinstance(item, SearchOutcome):
-            print_search(item)
+            print_search(item, args.json)
         elif isinstance(item, Tested):
             print(format_result(item.study, item.result), flush=True)
         else:
@@ -72,4 +72,4 @@ def run_run(args: argparse.Namespace) -> int:
 
     best = best_request(args)
     best.device = best_device(args.gpus)
-    return run(RunRequest(search_request(args), best, request), _log, show)
+    return run(RunRequest(search_request(args), best, request), say, show)
