@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bench.plain import (
-    BenchData,
+    BenchDataBySize,
     PlainBatches,
     TrainOnly,
     add_common_arguments,
@@ -30,7 +30,6 @@ from bench.plain import (
     clock,
     forget_features,
     image_config,
-    load_bench_data,
     parse_models,
     print_table,
     warm_up,
@@ -48,13 +47,11 @@ def main() -> None:
     device = resolve_device(args.device)
     threads = apply_threads(args)
     rows = []
-    loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
+        loaded = BenchDataBySize(args, Path(image_cache), device)
         for family in names:
             family_entry = get_family(family)
             size = family_entry.image_size
-            if size not in loaded:
-                loaded[size] = load_bench_data(args, size, Path(image_cache), device)
             data = loaded[size]
             overrides = {"batch_size": args.batch_size} if args.batch_size else {}
             params = {**family_entry.resolve(overrides), "epochs": 1}

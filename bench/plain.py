@@ -217,6 +217,18 @@ def load_bench_data(args: argparse.Namespace, size: int, image_cache: Path, devi
     return BenchData(place(parts, device), pil, size, time.perf_counter() - started)
 
 
+class BenchDataBySize(dict):
+    """BenchData by image size, each loaded on first use: models of one size share their images."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path, device: torch.device) -> None:
+        super().__init__()
+        self.args, self.folder, self.device = args, folder, device
+
+    def __missing__(self, size: int) -> BenchData:
+        self[size] = load_bench_data(self.args, size, self.folder, self.device)
+        return self[size]
+
+
 def _decode(sample: tuple[str, int]) -> tuple[Image.Image, int]:
     path, label = sample
     with Image.open(path) as image:

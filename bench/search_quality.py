@@ -38,8 +38,8 @@ import optuna
 from bench.launch import run_cli, tail
 from bench.plain import add_data_arguments, parse_models, print_table
 from search.best import stored_result
-from search.records import BestResult
 from search.family import get_family
+from search.records import BestResult
 
 CPU_MODELS = "logreg,mlp,mobilenet_frozen"
 # Per model on the CPU: (trials, --param values), for logreg + mlp + mobilenet_frozen to take about 15-18 minutes

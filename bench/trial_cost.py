@@ -42,6 +42,7 @@ import torch
 
 from bench.plain import (
     BenchData,
+    BenchDataBySize,
     PlainBatches,
     add_common_arguments,
     apply_threads,
@@ -49,7 +50,6 @@ from bench.plain import (
     clock,
     forget_features,
     image_config,
-    load_bench_data,
     parse_models,
     print_table,
     warm_up,
@@ -145,13 +145,11 @@ def model_params(args: argparse.Namespace, name: str) -> dict:
 def measure(args: argparse.Namespace, names: list[str], device: torch.device, setting: bool | None) -> Measured:
     """Every model's cold, warm and plain trials, under one cuDNN benchmark setting (None: the family's own)."""
     measured = Measured(threads=apply_threads(args))
-    loaded: dict[int, BenchData] = {}
     with tempfile.TemporaryDirectory(prefix="bench-images-") as image_cache:
+        loaded = BenchDataBySize(args, Path(image_cache), device)
         for name in names:
             family = get_family(name)
             size = family.image_size
-            if size not in loaded:
-                loaded[size] = load_bench_data(args, size, Path(image_cache), device)
             data = loaded[size]
             params = model_params(args, name)
             epochs = int(params["epochs"])
