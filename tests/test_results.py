@@ -250,7 +250,7 @@ def _one_line_error(capsys: pytest.CaptureFixture, *words: str) -> None:
 @pytest.mark.parametrize("argv, words", [
     (["best", "--model", "mlp"], ("'mlp'", "no completed trial")),
     (["best", "--model", "cnn"], ("no study 'cnn'", "logreg")),
-    (["best", "--model", "foo"], ("unknown model foo",)),
+    (["best", "--model", "foo"], ("unknown model 'foo'",)),
     (["report", "--format", "pdf"], ("unknown report format pdf",)),
 ])
 def test_bad_input_is_one_line(tested: dict, capsys: pytest.CaptureFixture, argv: list[str], words: tuple) -> None:

@@ -360,17 +360,19 @@ def studies_request(args: argparse.Namespace) -> StudiesRequest:
     """Which finished studies a results command works on: --storage, --study-prefix, --model, --artifacts."""
     from search.services.results import StudiesRequest
 
-    chosen = getattr(args, "model", None)
-    return StudiesRequest(storage=storage_url(args), study_prefix=args.study_prefix,
-                          models=None if chosen is None or chosen.strip() == "all" else models(args),
+    from search.family import load_family_file
+
+    for path in getattr(args, "family_file", None) or []:
+        load_family_file(path)
+    chosen = getattr(args, "model", None)  # names are checked once the storage's own family files are loaded
+    names = None if chosen is None or chosen.strip() == "all" else [n.strip() for n in chosen.split(",") if n.strip()]
+    return StudiesRequest(storage=storage_url(args), study_prefix=args.study_prefix, models=names,
                           artifacts=getattr(args, "artifacts", None))
 
 
 def best_request(args: argparse.Namespace) -> BestRequest:
     from search.services.results import BestRequest
 
-    if getattr(args, "family_file", None):
-        models(args)  # register the families of --family-file
     return BestRequest(**vars(studies_request(args)), full_train=args.full_train, force=getattr(args, "force", False),
                        device=args.device if hasattr(args, "device") else "auto", host_data=host_data_overrides(args),
                        track=list(getattr(args, "track", None) or []))

@@ -61,7 +61,8 @@ class StudiesRequest:
         """The chosen studies that exist; a model named (not "all") without a study is a UserError."""
         load_stored_families(storage)
         existing = set(existing_study_names(storage))
-        names = [study_name(f, self.study_prefix) for f in (self.models or list(families()))]
+        chosen = [get_family(name).name for name in self.models] if self.models is not None else list(families())
+        names = [study_name(f, self.study_prefix) for f in chosen]
         missing = [n for n in names if n not in existing]
         if missing and self.models is not None:
             raise UserError(f"no study {', '.join(map(repr, missing))} in storage {redact(self.storage)}; "
