@@ -28,6 +28,7 @@ which vmap cannot update in place). This is the measurement that chose the fused
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import multiprocessing
@@ -51,6 +52,7 @@ from search.trial import build_model, run_trial, uses_feature_cache
 
 DEFAULT_MODELS = "logreg,mlp,cnn,mobilenet_frozen"
 DATA_SEED = 1
+STOPPED = "stopped: another process failed"
 
 
 def member_params(family: Family, base: dict[str, Any], index: int) -> dict[str, Any]:
@@ -132,6 +134,8 @@ def _process_trial(args: argparse.Namespace, name: str, params: dict[str, Any], 
         run_trial(family, params, data.parts, config, device, seed, data_seed=DATA_SEED)
         clock(device)
         results.put((time.perf_counter(), _peak(device, peak_start), None))
+    except threading.BrokenBarrierError:
+        results.put((time.perf_counter(), 0, STOPPED))
     except Exception as error:  # noqa: BLE001 - reported to the parent, which says which process failed
         results.put((time.perf_counter(), 0, repr(error)))
         start.abort()  # the others and the parent stop waiting
@@ -145,21 +149,20 @@ def time_processes(args: argparse.Namespace, family: Family, members: list[Membe
                  for m in members]
     for process in processes:
         process.start()
+    started = None
     try:
-        try:
+        with contextlib.suppress(threading.BrokenBarrierError):  # a process failed before the start
             start.wait(timeout=600)
-        except threading.BrokenBarrierError:
-            raise SystemExit(f"{family.name}: a worker process failed: {results.get(timeout=60)[2]}") from None
-        started = time.perf_counter()
-        ends = [results.get(timeout=3600) for _ in processes]
+            started = time.perf_counter()
+        ends = [results.get(timeout=3600) for _ in processes]  # one message from each process
     finally:
         for process in processes:
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
-    errors = [error for _, _, error in ends if error]
-    if errors:
-        raise SystemExit(f"{family.name}: a worker process failed: {errors[0]}")
+    errors = [error for _, _, error in ends if error and error != STOPPED]
+    if errors or started is None:
+        raise SystemExit(f"{family.name}: a worker process failed: {errors[0] if errors else 'no start'}")
     return max(end for end, _, _ in ends) - started, sum(peak for _, peak, _ in ends)
 
 

@@ -2,8 +2,9 @@
 
 `StackedNet.of(nets)` takes K flat `nn.Sequential`s of one architecture (Linear, Conv2d, BatchNorm, ReLU,
 Dropout, pooling, Flatten), each already initialised, and copies their weights into stacked tensors. Every
-parameter and buffer has shape [K, *the member's own shape], so member k is row k of each tensor: an
-optimizer broadcasts per-member hyperparameters over the first dimension, and `keep` slices members out.
+parameter and buffer has shape [K, *the member's own shape] (a Linear layer after the first holds its weight
+transposed, [K, in, out]), so member k is row k of each tensor: an optimizer broadcasts per-member
+hyperparameters over the first dimension, and `keep` slices members out.
 
 The forward pass, for an input batch x shared by all members:
 - the first Linear is one GEMM of x [B, F] with the members' weights side by side ([F, K*H]); later Linears
@@ -84,8 +85,8 @@ class StackedNet(nn.Module):
         """Member `row`'s weights and statistics under the names of the Sequential it was stacked from."""
         state = {}
         for position, module in enumerate(self.layers):
-            for name, tensor in module.state_dict().items():
-                state[f"{position}.{name}"] = tensor[row].clone()
+            if isinstance(module, _Stacked):
+                state.update({f"{position}.{name}": tensor for name, tensor in module.member_state(row).items()})
         return state
 
 
@@ -103,22 +104,34 @@ class _Stacked(nn.Module):
                                  persistent=name not in self._non_persistent_buffers_set)
         self.members = len(index)
 
+    def member_state(self, row: int) -> dict[str, torch.Tensor]:
+        """Member `row`'s state dict, as the layer it was stacked from names and shapes it."""
+        return {name: tensor[row].clone() for name, tensor in self.state_dict().items()}
+
 
 class _Linear(_Stacked):
-    """Linear layers of K members: weight [K, out, in], bias [K, out]."""
+    """Linear layers of K members, bias [K, out]. On the shared input, weight [K, out, in]: one GEMM with all
+    members' rows. After it, weight [K, in, out], so the batched matmul and its gradient need no transpose."""
 
     def __init__(self, linears: list[nn.Linear], shared_input: bool) -> None:
         super().__init__()
         self.members, self.shared_input = len(linears), shared_input
-        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]).contiguous())
+        weights = [m.weight.detach() if shared_input else m.weight.detach().t() for m in linears]
+        self.weight = nn.Parameter(torch.stack(weights).contiguous())
         self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in linears]).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, out = self.weight.shape[:2]
         if self.shared_input:  # one GEMM: [B, F] x [F, K*out]
+            k, out = self.weight.shape[:2]
             y = F.linear(x, self.weight.reshape(k * out, -1), self.bias.reshape(k * out))
             return y.view(len(x), k, out).transpose(0, 1)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def member_state(self, row: int) -> dict[str, torch.Tensor]:
+        state = super().member_state(row)
+        if not self.shared_input:
+            state["weight"] = state["weight"].t().contiguous()
+        return state
 
 
 class _Conv(_Stacked):
