@@ -205,10 +205,10 @@ class _Dropout(_Stacked):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not any(self.rate_list):
             return x
-        if self.generators is None:
-            keep = (1.0 - self.rates).to(x.dtype).view(-1, 1, 1)
-            mask = torch.empty_like(x).bernoulli_(keep.expand_as(x))
-            return x * mask * torch.where(keep > 0, 1.0 / keep, torch.zeros_like(keep))
+        if self.generators is None:  # one draw: unit u of member k is kept when uniform < 1 - rate_k
+            keep = 1.0 - self.rates.view(-1, 1, 1)
+            scale = torch.where(keep > 0, 1.0 / keep.clamp_min(1e-12), torch.zeros_like(keep)).to(x.dtype)
+            return x * (torch.rand(x.shape, device=x.device) < keep) * scale
         noise = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         for block, rate, generator in zip(noise, self.rate_list, self.generators):
             if rate == 0:

@@ -77,10 +77,11 @@ def check_pack(family: Family, members: Sequence[Member]) -> None:
 
 
 class _Pack:
-    """The members still training: the stacked module, its optimizer and each row's hyperparameters."""
+    """The members still training: the stacked module, its optimizer, and per row (stacked index) the member's
+    index in `run_pack`'s list (`members`) and its params."""
 
     def __init__(self, net: StackedNet, members: list[int], params: list[dict[str, Any]], device: torch.device):
-        self.net, self.rows, self.params, self.device = net, members, params, device
+        self.net, self.members, self.params, self.device = net, members, params, device
         self.optimizer = StackedOptimizer(net.parameters(), [p["optimizer"] for p in params],
                                           [float(p["weight_decay"]) for p in params],
                                           [float(p.get("momentum", 0.0)) for p in params])
@@ -103,7 +104,7 @@ class _Pack:
         """One pass of optimizer steps (the first `max_steps` only, if given); each member's (mean training loss,
         training accuracy), read once."""
         self.net.train()
-        k = len(self.rows)
+        k = len(self.members)
         loss_sum = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.long)
         count = 0
@@ -128,7 +129,7 @@ class _Pack:
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, ...]]) -> list[Evaluation]:
         """Each member's `search.training.evaluate` of one split, in one pass."""
         self.net.eval()
-        k = len(self.rows)
+        k = len(self.members)
         loss_sum = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.long)
         predictions, count = [], 0
@@ -152,11 +153,11 @@ class _Pack:
     def keep(self, rows: Sequence[int]) -> None:
         """Go on with these rows only; the others have left."""
         if not rows:
-            self.rows, self.params = [], []
+            self.members, self.params = [], []
             return
         self.net.keep(rows)
         self.optimizer.keep(rows)
-        self.rows = [self.rows[r] for r in rows]
+        self.members = [self.members[r] for r in rows]
         self.params = [self.params[r] for r in rows]
         self._set_hyperparameters()
 
@@ -200,14 +201,14 @@ def run_pack(
     try:
         for epoch in range(1, epochs + 1):
             _epoch(pack, source, epoch, results, on_batch)
-            if not pack.rows:
+            if not pack.members:
                 break
     except Exception as error:  # noqa: BLE001 - the pack's own step failed: every member still in it ends with it
-        for row, member in enumerate(pack.rows):
+        for row, member in enumerate(pack.members):
             results[member].error = error
             results[member].state = pack.state(row)
         return results
-    for row, member in enumerate(pack.rows):
+    for row, member in enumerate(pack.members):
         results[member].state = pack.state(row)
     return results
 
@@ -220,14 +221,14 @@ def _epoch(pack: _Pack, source: BatchSource, epoch: int, results: list[MemberRes
     losses, accuracies = pack.train_epoch(source.train_batches(epoch), pack.learning_rates(epoch, steps), on_batch)
     diverged = {row: Diverged(epoch, loss) for row, loss in enumerate(losses) if not math.isfinite(loss)}
     _leave(pack, diverged, results)
-    if not pack.rows:
+    if not pack.members:
         return
     losses = [loss for row, loss in enumerate(losses) if row not in diverged]
     accuracies = [accuracy for row, accuracy in enumerate(accuracies) if row not in diverged]
     evaluations = pack.evaluate(source.eval_batches("val"))
     seconds = time.perf_counter() - started
     leaving: dict[int, BaseException] = {}
-    for row, member in enumerate(pack.rows):
+    for row, member in enumerate(pack.members):
         metrics = EpochMetrics(epoch, losses[row], accuracies[row], evaluations[row].loss, evaluations[row].accuracy,
                                seconds)
         results[member].history.append(metrics)
@@ -244,10 +245,10 @@ def _leave(pack: _Pack, leaving: dict[int, BaseException], results: list[MemberR
     if not leaving:
         return
     for row, error in leaving.items():
-        member = pack.rows[row]
+        member = pack.members[row]
         results[member].error = error
         results[member].state = pack.state(row)
-    pack.keep([row for row in range(len(pack.rows)) if row not in leaving])
+    pack.keep([row for row in range(len(pack.members)) if row not in leaving])
 
 
 __all__ = ["Member", "MemberResult", "build_pack", "check_pack", "member_losses", "run_pack"]
