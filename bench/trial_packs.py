@@ -18,7 +18,7 @@ as solo seconds over pack seconds). On CUDA the table adds the GPU memory at pea
 solo trial's, and the sum over the K processes (each process's own peak; CUDA contexts not included).
 
 A second table (--steps, default on) times one training step, forward, per-member loss, backward and the
-stacked optimizer, on one shared batch: the K models stepped alone (torch.optim), the fused stack
+optimizer, on one shared batch, the three ways in turn, --step-repeats times (medians): the K models stepped alone (torch.optim), the fused stack
 (`models.stacked.StackedNet`: one wide GEMM or convolution for the shared input, batched matmul and grouped
 convolutions after) and `torch.func.stack_module_state` + `functional_call` + `vmap` (randomness
 "different"; its dropout rate is member 0's for all, and batch norm's running statistics are not tracked,
@@ -169,14 +169,17 @@ def time_processes(args: argparse.Namespace, family: Family, members: list[Membe
 # --- one training step: K alone, fused, vmap ------------------------------------------------------------
 
 
-def _median_seconds(step, repeats: int, device: torch.device) -> float:
-    step()  # warm
-    times = []
-    for _ in range(repeats):
-        started = clock(device)
+def _interleaved_medians(steps: dict[str, Any], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step function, run in turn `repeats` times after one untimed run each."""
+    for step in steps.values():
         step()
-        times.append(clock(device) - started)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = clock(device)
+            step()
+            times[name].append(clock(device) - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def step_times(family: Family, members: list[Member], data: BenchData, config, device, repeats: int
@@ -201,14 +204,15 @@ def step_times(family: Family, members: list[Member], data: BenchData, config, d
     def fused() -> None:
         pack.train_epoch([(x, y)], lrs, None)
 
+    steps = {"alone": alone, "fused": fused}
     vmapped = _vmap_step(trained, members, x, y, lrs[0], pack.smoothing)
-    seconds_vmap = None
-    if vmapped is not None:
-        try:
-            seconds_vmap = _median_seconds(vmapped, repeats, device)
-        except Exception as error:  # noqa: BLE001 - vmap does not support every layer: the table says so
-            print(f"  {family.name}: vmap step failed: {type(error).__name__}: {error}")
-    return _median_seconds(alone, repeats, device), _median_seconds(fused, repeats, device), seconds_vmap
+    try:
+        vmapped()
+        steps["vmap"] = vmapped
+    except Exception as error:  # noqa: BLE001 - vmap does not support every layer: the table says so
+        print(f"  {family.name}: vmap step failed: {type(error).__name__}: {error}")
+    seconds = _interleaved_medians(steps, repeats, device)
+    return seconds["alone"], seconds["fused"], seconds.get("vmap")
 
 
 def _vmap_step(trained: list[torch.nn.Module], members: list[Member], x: torch.Tensor, y: torch.Tensor,

@@ -453,14 +453,14 @@ def test_a_family_may_only_name_its_own_parameters_as_pack_members() -> None:
 
 
 def test_pack_size_on_the_cpu() -> None:
-    """The fine-tune and unstackable families train alone; on the CPU so do the MLP and the CNN, whose steps
-    are already arithmetic-bound (bench/trial_packs.py); logreg and the frozen head pack."""
+    """The fine-tune and unstackable families train alone; on the CPU so do the MLP, the CNN and the frozen head,
+    whose packs measured 0.94-1.08x of solo trials there (bench/trial_packs.py); logreg packs (4.3x)."""
     from search.family import Family
 
     assert pack_size(get_family("mobilenet_finetune"), CPU) == 1
     assert pack_size(get_family("logreg"), CPU) == CPU_PACK_SIZE > 1
-    assert pack_size(get_family("mobilenet_frozen"), CPU) == CPU_PACK_SIZE
-    assert pack_size(get_family("mlp"), CPU) == pack_size(get_family("cnn"), CPU) == 1
+    for name in ("mlp", "cnn", "mobilenet_frozen"):
+        assert pack_size(get_family(name), CPU) == 1, name
     logreg = get_family("logreg")
     unstackable = Family(name="own", title="own", space=logreg.space, pack_members=logreg.pack_members,
                          build=lambda params, classes, size, weights: nn.Sequential(

@@ -11,6 +11,10 @@ that epoch boundary when its training loss is not finite (`Diverged`) or when it
 a time budget, a stop request, a failure): it is sliced out of the stacked weights, optimizer state and
 batch-norm statistics, and the others go on. A failure of the pack's own step (out of memory, say) ends
 every member still in it, with that error. A pack whose members are all gone ends.
+
+`search.trial.run_trial` still trains a solo trial its own way (torch.optim, checkpoints); a pack of one
+follows it to float precision (tests/test_packs.py), and a member retrained alone with its seed and the
+pack's data seed follows its packed curve.
 """
 
 from __future__ import annotations

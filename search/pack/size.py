@@ -2,9 +2,10 @@
 
 On a GPU a small model's step is launch-bound, so K members cost little more than one: a pack fills up to
 MEMORY_SHARE of the free memory, at most CUDA_MAX_PACK members, from one member's measured peak. On the CPU
-a member's step is mostly arithmetic once its data is prepared: a pack pays only for models whose step is
-dominated by the fixed costs it shares (augmenting the batch, Python, small operations), which
-`bench/trial_packs.py` measures; see CPU_PACK_SIZE.
+a pack saves what its members share (augmenting each batch once, per-operation overhead, thin matrix
+products made wide) but not their arithmetic: `bench/trial_packs.py` measured K=8 at 4.3x the trials/min of
+8 solo trials for logreg on 64px images, and 0.94-1.08x for the MLP, the CNN and the frozen head (whose
+batches are cached features, nothing to share), so only small convolution-free models on images pack there.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from search.trial import has_convolutions, uses_feature_cache
 CUDA_MAX_PACK = 16
 MEMORY_SHARE = 0.5  # of the device's free memory; the rest stays for other workers and the allocator's slack
 CPU_PACK_SIZE = 8
-CPU_MAX_MEMBER_PARAMETERS = 1_000_000  # bench/trial_packs.py: logreg and the frozen head pay, the MLP and CNN not
+CPU_MAX_MEMBER_PARAMETERS = 1_000_000  # logreg: 123k at 64px; the MLP: 9-28 million
 
 
 def pack_size(family: Family, device: torch.device, params: dict[str, Any] | None = None,
               parts: dict[str, ImageSet] | None = None, config: DataConfig | None = None) -> int:
     """The automatic pack size for `family` on `device`; a GPU measures one member of `params` on `parts`."""
     params = family.resolve() if params is None else params
-    if not family.pack_members or not stackable(family, params):
+    if not family.pack_members:
+        return 1
+    size = parts["train"].images.shape[-1] if parts is not None else family.size_for(params)
+    model = family.create_model(params, image_size=size, weights="none" if family.pretrained else None)
+    if not stackable(model.head if uses_feature_cache(model) else model):
         return 1
     if device.type == "cuda":
         if parts is None or config is None:
@@ -39,29 +44,22 @@ def pack_size(family: Family, device: torch.device, params: dict[str, Any] | Non
         first, each = member_bytes(family, params, parts, config, device)
         free, _ = torch.cuda.mem_get_info(device)
         return fit_pack_size(free, first, each, MEMORY_SHARE, CUDA_MAX_PACK)
-    return CPU_PACK_SIZE if cpu_pack_pays(family, params) else 1
+    return CPU_PACK_SIZE if cpu_pack_pays(model) else 1
 
 
-def trained_module(family: Family, params: dict[str, Any]) -> nn.Module:
-    """The module a trial of `params` trains (the head alone on cached features), with random weights."""
-    model = family.create_model(params, weights="none" if family.pretrained else None)
-    return model.head if uses_feature_cache(model) else model
-
-
-def stackable(family: Family, params: dict[str, Any]) -> bool:
-    """Whether members of `family` can train as one stacked model (`models.stacked`)."""
-    module = trained_module(family, params)
+def stackable(trained: nn.Module) -> bool:
+    """Whether members training this module (the head alone on cached features) stack (`models.stacked`)."""
     try:
-        StackedNet.of([module, module])
+        StackedNet.of([trained, trained])
     except NotStackable:
         return False
     return True
 
 
-def cpu_pack_pays(family: Family, params: dict[str, Any]) -> bool:
-    """A pack pays on the CPU for a network without convolutions and with few parameters per member."""
-    module = trained_module(family, params)
-    return not has_convolutions(module) and count_trainable(module) <= CPU_MAX_MEMBER_PARAMETERS
+def cpu_pack_pays(model: nn.Module) -> bool:
+    """A pack pays on the CPU for a network on augmented images, without convolutions, with few parameters."""
+    return (not uses_feature_cache(model) and not has_convolutions(model)
+            and count_trainable(model) <= CPU_MAX_MEMBER_PARAMETERS)
 
 
 def fit_pack_size(free_bytes: int, first_bytes: int, each_bytes: int, share: float, most: int) -> int:
