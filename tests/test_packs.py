@@ -212,7 +212,7 @@ def _tiny_members(family: str, variants: list[dict], **shared) -> list[Member]:
 VARIED = [
     {"optimizer": "adam", "lr": 3e-3},
     {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "lr_schedule": "cosine", "weight_decay": 1e-3},
-    {"optimizer": "rmsprop", "lr": 3e-4, "momentum": 0.5, "loss": "label_smoothing", "label_smoothing": 0.1,
+    {"optimizer": "rmsprop", "lr": 1e-4, "momentum": 0.5, "loss": "label_smoothing", "label_smoothing": 0.1,
      "warmup_epochs": 1},
     {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-2, "lr_schedule": "onecycle", "loss": "nll"},
 ]
@@ -405,7 +405,13 @@ CIFAR_DROPOUT = ({}, {"dropout": 0.1, **{f"dropout_{i}": 0.1 for i in (1, 2, 3)}
 def test_a_member_trained_in_a_pack_follows_its_solo_run(cifar, family: str) -> None:
     """Four members (Adam, SGD, RMSprop, AdamW; schedules, losses, dropout) trained as one pack, then each alone
     with its seed and the pack's data seed: validation accuracy within 0.5 points after the first epoch and
-    within 1 point at the last (the issue's tolerance for `best` reproducing a packed member)."""
+    within 1 point at the last (the issue's tolerance for `best` reproducing a packed member).
+
+    The CNN's grouped convolutions round differently from its solo convolutions in the last bits, and training
+    can magnify that: with RMSprop at lr 1e-3 (its first steps move every weight by about 10 x lr), a solo run
+    whose first layer's weights were perturbed by 1e-7 (relative) ends as far from itself as the packed member
+    (3.6 points at epoch 3). The members here learn at rates where the CNN is not chaotic over three epochs.
+    """
     spec = get_family(family)
     config, parts = cifar(CIFAR_SHAPES[family].get("image_size", 32))
     base = {"epochs": 3, "batch_size": 64, **CIFAR_SHAPES[family]}
