@@ -72,7 +72,8 @@ def main() -> None:
                 project_epoch = clock(device) - prepared
                 prepare_seconds = prepared - started
 
-            model = build_plain_model(family, params, size, args.weights, device, args.seed)
+            model = build_plain_model(family, params, size, args.weights, device, args.seed,
+                                      num_classes=len(data.parts["train"].classes))
             plain = PlainBatches(data.pil, size, params, device, args.seed, args.workers)
             started = clock(device)
             run_trial(family_entry, params, data.parts, config, device, args.seed,

@@ -22,8 +22,10 @@
 # --python PY (default .venv/bin/python if present, else python3).
 # The project need not be installed: the checkout goes first on PYTHONPATH and the CLI runs as
 # `$PY -m search.cli` (as on a box prepared with ../shared/tools/gpu-prep.sh, whose /tmp/site stays on it).
-# A box with only PyTorch also needs the wheels of tqdm, filelock and pytest (pluggy, iniconfig, packaging):
-#   ../shared/tools/gpu-prep.sh tqdm filelock pytest pluggy iniconfig packaging
+# A box with only PyTorch and torchvision (and what pip installed with them) also needs these wheels, all of
+# which ../shared/tools/gpu-prep.sh fetches; tests/test_bench.py runs this script with exactly these importable:
+#   wheels: optuna alembic colorlog Mako SQLAlchemy PyYAML tqdm packaging optuna-dashboard bottle
+#   wheels: plotly narwhals filelock pytest pluggy iniconfig Pygments
 set -u
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +35,7 @@ weights=${STL10_SEARCH_BENCH_WEIGHTS:-}
 out=
 py=
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -u/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device=${2:?--device needs cuda or cpu}; shift 2 ;;
@@ -146,8 +148,8 @@ TAIL_LINES=8 run_step env "${limits[0]}" bash -c env_report
 
 pytest_cuda() {
   if ! "$py" -c 'import pytest' 2>/dev/null; then
-    echo "pytest is not installed for $py; on a box prepared by gpu-prep.sh, add its wheels:"
-    echo "  ../shared/tools/gpu-prep.sh pytest pluggy iniconfig packaging"
+    echo "pytest is not importable by $py; it needs the wheels pytest, pluggy, iniconfig, packaging and Pygments"
+    echo "(../shared/tools/gpu-prep.sh fetches them)"
     return 127
   fi
   "$py" -m pytest -m cuda -q -p no:cacheprovider tests

@@ -11,7 +11,7 @@ Choices, so the comparison is about the data path and the feature cache, nothing
 - Both paths train the same images (the same stratified split, the same subset), the same model built
   with the same seed by `models.build_model`, with the same optimizer, loss and params, through the
   same loop (`search.training.train`, which calls `make_optimizer` and `make_loss`): a `PlainBatches`
-  is just another batch source. On CUDA the model step is also the same (bf16 autocast, channels-last
+  is just another batch source. On CUDA the model step is also the same (mixed precision, channels-last
   convolutions), so the ratio measures what feeds the model, not the model's numerics.
 """
 
@@ -35,8 +35,8 @@ from torchvision import transforms as T
 from data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, stratified_split
 from search.errors import UserError
 from search.family import get_family, parse_families
-from search.pipeline import DataConfig, load_parts, place
-from search.training import autocast, eval_batch_cap
+from search.pipeline import DataConfig, eval_batch_cap, load_parts, place
+from search.training import autocast
 
 # Where the benchmarks find their images and MobileNetV2 weights unless told with --data-root / --weights.
 DATA_ROOT_ENV = "STL10_SEARCH_BENCH_DATA"
@@ -117,7 +117,7 @@ class TrainOnly:
 
 
 def build_plain_model(family: str, params: dict[str, Any], size: int, weights: Path | None,
-                      device: torch.device, seed: int, num_classes: int = 10) -> nn.Module:
+                      device: torch.device, seed: int, num_classes: int) -> nn.Module:
     """The whole torch model on images, as a user would place it: channels-last only on CUDA (where the shared
     loop's settings apply to both paths); the project also uses it on the CPU, which is part of what is measured."""
     torch.manual_seed(seed)
@@ -224,7 +224,7 @@ def _decode(sample: tuple[str, int]) -> tuple[Image.Image, int]:
 
 def warm_up(family: str, params: dict[str, Any], size: int, weights: Path | None, device: torch.device) -> None:
     """One untimed forward/backward on a throwaway model, so one-off kernel setup hits neither path."""
-    model = build_plain_model(family, params, size, weights, device, seed=0).train()
+    model = build_plain_model(family, params, size, weights, device, seed=0, num_classes=10).train()  # shapes only
     x = torch.randn(int(params["batch_size"]), 3, size, size, device=device)
     with autocast(device):
         loss = model(x).float().logsumexp(1).mean()
@@ -237,7 +237,7 @@ def forget_features() -> None:
     """Empty the worker's in-memory feature cache, so the next frozen-backbone trial starts cold or reads disk."""
     from search import features
 
-    features._MEMORY.clear()  # private, but the only handle on the per-process cache; bench code only
+    features.MEMORY.clear()
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

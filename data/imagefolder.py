@@ -71,10 +71,15 @@ def read_imagefolder(
     paths = [listing.root / part / relative for relative in listing.files]
     images = torch.empty(len(paths), 3, image_size, image_size, dtype=torch.uint8)
     for start in range(0, len(paths), _DECODE_CHUNK):
-        decoded = [_decode(path, image_size) for path in paths[start : start + _DECODE_CHUNK]]
-        images[start : start + len(decoded)] = _resize_by_shape(decoded, image_size)
+        decoded = [decode_image(path, image_size) for path in paths[start : start + _DECODE_CHUNK]]
+        images[start : start + len(decoded)] = resize_pictures(decoded, image_size)
     labels = torch.tensor(listing.labels, dtype=torch.int64)
     return ImageSet(images, labels, listing.classes, fingerprint_of(listing.fingerprint, image_size))
+
+
+def find_images(folder: Path | str) -> list[str]:
+    """The image files under `folder`, relative and '/'-separated, in the order `list_imagefolder` reads a class."""
+    return [relative for relative, _, _ in _image_files(str(Path(folder).expanduser()), "")]
 
 
 def _class_names(root: Path) -> tuple[str, ...]:
@@ -128,8 +133,11 @@ def _image_files(folder: str, prefix: str) -> list[tuple[str, int, int]]:
     return found
 
 
-def _decode(path: Path, size: int) -> torch.Tensor:
-    """One image file -> RGB uint8 [H, W, 3]; JPEG draft mode skips decoding detail that resizing would drop."""
+def decode_image(path: Path | str, size: int) -> torch.Tensor:
+    """One image file -> RGB uint8 [H, W, 3]; JPEG draft mode skips decoding detail that resizing would drop.
+
+    With `resize_pictures`, what training and `predict` both read: the same file gives the same pixels.
+    """
     try:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))
@@ -138,7 +146,7 @@ def _decode(path: Path, size: int) -> torch.Tensor:
         raise DataError(f"cannot decode image {path} ({error}); replace or remove the file") from error
 
 
-def _resize_by_shape(pictures: list[torch.Tensor], size: int) -> torch.Tensor:
+def resize_pictures(pictures: list[torch.Tensor], size: int) -> torch.Tensor:
     """[H, W, 3] pictures -> uint8 [N, 3, size, size], resizing each group of equal shapes as one batch.
 
     One batched call is about ten times faster than one call per small image; the permuted (channels-last)

@@ -8,9 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
+from data.errors import DataError  # noqa: F401 - re-exported
 
-class DataError(Exception):
-    """A user-facing data problem; str(e) is one actionable line (folder, file, expected size, how to fix)."""
+
+def printable(text: object) -> str:
+    """`text` as any UTF-8 file or terminal takes it: the one way names and paths are shown.
+
+    A file or folder name that is not UTF-8 reaches Python with its bytes kept as surrogate escapes
+    (os.fsdecode), which no UTF-8 writer accepts; those bytes are shown as \\xNN.
+    """
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte (from JSON, say)
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def fingerprint_of(*parts: object) -> str:

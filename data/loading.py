@@ -11,22 +11,15 @@ from pathlib import Path
 import torch
 
 from data import imagefolder, stl10
-from data.imageset import DataError, ImageSet, fingerprint_of
+from data.errors import DATASETS, DataError, default_data_root
+from data.imageset import ImageSet, fingerprint_of
 from data.transforms import resize_images
 
-DATASETS = ("stl10", "imagefolder")
 PARTS = ("train", "test")
 # Part of every fingerprint: bump it whenever decoding or resizing changes, so caches made by older code are rebuilt.
 CACHE_VERSION = 2
 
 _log = logging.getLogger(__name__)
-
-
-def default_data_root(dataset: str) -> Path:
-    """Where a dataset lives when no folder is given: $XDG_CACHE_HOME (or ~/.cache)/stl10-search/<dataset>."""
-    _check_dataset(dataset)
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "stl10-search" / dataset
 
 
 def load_images(
@@ -57,7 +50,7 @@ def load_images(
     fingerprint = fingerprint_of(CACHE_VERSION, dataset, source, part, image_size)
     cache_path = None
     if cache_dir is not None:
-        key = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+        key = hashlib.sha1(os.fsencode(root)).hexdigest()[:10]
         cache_path = Path(cache_dir).expanduser() / f"{dataset}-{key}-{part}-{image_size}.pt"
         cached = _read_cache(cache_path, fingerprint, image_size)
         if cached is not None:

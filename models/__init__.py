@@ -1,26 +1,39 @@
 """The networks of the study, each built from a plain dict of hyperparameters; parameter counts and layer tables.
 
 Knows networks only: nothing here imports Optuna, storage or the training loop. Which hyperparameters a
-network has, their defaults and ranges, live with its family in `search/families/`.
+network has, their defaults and ranges, live with its family in `search/families/`. Names are loaded on first
+use (PEP 562), so `from models import ParamError` does not import torch.
 """
 
-from models.cnn import build_cnn
-from models.linear import build_logreg, build_mlp
-from models.mobilenet import IMAGENET_WEIGHTS, MobileNetClassifier, WeightsError, build_mobilenet, load_mobilenet_v2
-from models.params import ParamError
-from models.summary import count_trainable, format_layer_table, layer_rows
+from __future__ import annotations
 
-__all__ = [
-    "IMAGENET_WEIGHTS",
-    "MobileNetClassifier",
-    "ParamError",
-    "WeightsError",
-    "build_cnn",
-    "build_logreg",
-    "build_mlp",
-    "build_mobilenet",
-    "count_trainable",
-    "format_layer_table",
-    "layer_rows",
-    "load_mobilenet_v2",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "IMAGENET_WEIGHTS": "models.mobilenet",
+    "MobileNetClassifier": "models.mobilenet",
+    "ParamError": "models.errors",
+    "WeightsError": "models.errors",
+    "build_cnn": "models.cnn",
+    "build_logreg": "models.linear",
+    "build_mlp": "models.linear",
+    "build_mobilenet": "models.mobilenet",
+    "count_trainable": "models.summary",
+    "format_layer_table": "models.summary",
+    "layer_rows": "models.summary",
+    "load_mobilenet_v2": "models.mobilenet",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from models.linear import two_hidden_layers
-from models.params import ParamError
+from models.errors import ParamError
 
 
 def build_cnn(params: dict[str, Any], num_classes: int, image_size: int) -> nn.Module:

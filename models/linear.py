@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from models.params import ParamError
+from models.errors import ParamError
 
 
 def two_hidden_layers(in_features: int, fc1: int, fc2: int, dropout: float, num_classes: int) -> list[nn.Module]:

@@ -10,15 +10,12 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
+from models.errors import WeightsError
 from models.linear import two_hidden_layers
 
 HEAD_INPUTS = ("features", "logits")
 FEATURE_WIDTH = {"features": 1280, "logits": 1000}
 IMAGENET_WEIGHTS = "imagenet"
-
-
-class WeightsError(Exception):
-    """Pretrained weights could not be had; str(e) says which and how to fix it."""
 
 
 def load_mobilenet_v2(weights: str | Path | None) -> nn.Module:

@@ -9,31 +9,23 @@ prints what is stored instead of training again.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from models import count_trainable
+from search.artifacts import WeightsStore, save_weights
 from search.errors import UserError
 from search.pipeline import load_parts, place
 from search.storage import artifact_dir  # noqa: F401 - re-exported: it moved to storage.py
 from search.studies import DATA_ATTR, best_trial as best_of, load_settings, trial_params, trial_seed
-from search.training import autocast
+from search.training import autocast, confusion_matrix
 from search.trial import has_convolutions, run_trial
 
 BEST_ATTR = "best_result"
-
-
-def artifact_store(url: str, override: Path | None = None) -> FileSystemArtifactStore:
-    folder = artifact_dir(url, override)
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(folder)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
@@ -58,34 +50,47 @@ def stored_result(study: optuna.Study, trial: FrozenTrial | None = None, full_tr
 
 
 LATENCY_BATCHES = (1, 256)
-LATENCY_MIN_SECONDS = 0.5  # per batch size: repeated until this long, so a fast model is not timed on one call
+LATENCY_MIN_SECONDS = 0.5  # per batch size and attempt: torch.utils.benchmark runs blocks of calls this long
+LATENCY_MAX_SPREAD = 0.25  # an interquartile range over this share of the median is measured again
+LATENCY_ATTEMPTS = 3
 
 
-@torch.inference_mode()
-def measure_latency(model: torch.nn.Module, image_size: int, device: torch.device) -> dict[str, float]:
-    """Inference milliseconds per image at batch 1 and batch 256 on `device`, as the model will be served:
-    eval mode, channels-last for convolutions, bf16 autocast on CUDA; the first calls (kernel selection) untimed."""
+def measure_latency(model: torch.nn.Module, image_size: int, device: torch.device) -> dict[str, Any]:
+    """Inference milliseconds per image at batch 1 and 256 on `device`, as the model will be served: eval mode,
+    channels-last for convolutions, the training precision on CUDA; warm-up calls untimed.
+
+    Each figure is the median over blocks of calls (`torch.utils.benchmark.Timer.blocked_autorange`, which also
+    synchronizes CUDA), kept with its interquartile range and the thread count: one timed loop on a busy machine
+    made a CNN look 100x slower at batch 1 than at 256. A spread over LATENCY_MAX_SPREAD of the median is
+    measured again, up to LATENCY_ATTEMPTS times, and the steadiest measurement is kept.
+
+    Returns the result's fields: {"latency_ms": {"batch_1": ms, "batch_256": ms}, "latency_iqr_ms": {...},
+    "latency_threads": n}.
+    """
+    from torch.utils.benchmark import Timer
+
     model.eval()
     layout = torch.channels_last if has_convolutions(model) else torch.contiguous_format
-    latency = {}
+    threads = torch.get_num_threads()
+    medians, spreads = {}, {}
     for batch in LATENCY_BATCHES:
         x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
-        with autocast(device):
-            for _ in range(2):
-                model(x)
-            _synchronize(device)
-            calls, started = 0, time.perf_counter()
-            while calls < 2 or time.perf_counter() - started < LATENCY_MIN_SECONDS:
-                model(x)
-                calls += 1
-                _synchronize(device)
-        latency[f"batch_{batch}"] = (time.perf_counter() - started) / calls / batch * 1000
-    return latency
 
+        def infer() -> None:
+            with torch.inference_mode(), autocast(device):
+                model(x)
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        infer()  # kernel selection and caches, untimed
+        timer = Timer("infer()", globals={"infer": infer}, num_threads=threads)
+        measurements = []
+        for _ in range(LATENCY_ATTEMPTS):
+            measurements.append(timer.blocked_autorange(min_run_time=LATENCY_MIN_SECONDS))
+            if measurements[-1].iqr <= LATENCY_MAX_SPREAD * measurements[-1].median:
+                break
+        steadiest = min(measurements, key=lambda m: m.iqr / m.median)
+        medians[f"batch_{batch}"] = steadiest.median / batch * 1000
+        spreads[f"batch_{batch}"] = steadiest.iqr / batch * 1000
+    return {"latency_ms": medians, "latency_iqr_ms": spreads, "latency_threads": threads}
 
 
 @contextlib.contextmanager
@@ -104,19 +109,13 @@ def same_threads(trial: FrozenTrial, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
-    """Rows are true classes, columns predicted ones."""
-    counts = torch.bincount(labels.cpu() * num_classes + predictions.cpu(), minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes).tolist()
-
-
 def per_class_accuracy(matrix: list[list[int]]) -> list[float | None]:
     return [row[i] / sum(row) if sum(row) else None for i, row in enumerate(matrix)]
 
 
 def retrain_and_test(
     study: optuna.Study,
-    store: FileSystemArtifactStore,
+    store: WeightsStore,
     device: torch.device,
     *,
     full_train: bool = False,
@@ -133,6 +132,10 @@ def retrain_and_test(
     config = settings.data_config(**(data_overrides or {}))
 
     started = time.perf_counter()
+    ran = len(trial.user_attrs.get("history") or [])
+    if 0 < ran < int(params["epochs"]):
+        log(f"[{study.study_name}] trial #{trial.number} was stopped by the time budget after epoch {ran} of "
+            f"{params['epochs']}: it is retrained on the same schedule up to its best epoch, {best_epoch}")
     log(f"[{study.study_name}] retraining trial #{trial.number} for {best_epoch} epoch(s) on "
         f"{'train+validation' if full_train else 'train'} ({device})")
     size = family.size_for(params, config.image_size)
@@ -160,7 +163,7 @@ def retrain_and_test(
         "confusion_matrix": matrix,
         "classes": classes,
         "trainable_parameters": count_trainable(trained.model),
-        "latency_ms": measure_latency(trained.model, size, device),
+        **measure_latency(trained.model, size, device),
         "params": params,
         "epochs": best_epoch,
         "seed": seed,
@@ -168,19 +171,9 @@ def retrain_and_test(
         "full_train": full_train,
         "device": str(device),
     }
-    result.update(_upload_weights(study, trial, trained.model, store))
+    result.update(save_weights(study, trial.number, trained.model, store))
     study.set_user_attr(BEST_ATTR, result)
     return result
-
-
-def _upload_weights(study: optuna.Study, trial: FrozenTrial, model: torch.nn.Module,
-                    store: FileSystemArtifactStore) -> dict[str, str]:
-    """The weights as a study artifact: a finished trial takes no new attributes, so the study holds them."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{study.study_name}-trial{trial.number}.pt"
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-        artifact_id = upload_artifact(study_or_trial=study, file_path=str(path), artifact_store=store)
-    return {"artifact_id": artifact_id, "artifact_file": path.name}
 
 
 def format_result(name: str, result: dict[str, Any]) -> str:

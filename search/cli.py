@@ -8,21 +8,24 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from search.commands.options import (Parser, add_artifacts_argument, add_data_arguments, add_device_argument,
-                                     add_launch_arguments, add_model_argument, add_search_arguments,
-                                     add_storage_argument, quiet_optuna)
+from search.commands.options import (Parser, add_artifacts_argument, add_cache_dir_argument, add_data_arguments,
+                                     add_data_root_argument, add_device_argument, add_full_train_argument,
+                                     add_launch_arguments, add_model_argument, add_out_argument, add_search_arguments,
+                                     add_storage_argument, add_track_argument, model_help, quiet_optuna)
 from search.errors import USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="stl10-search", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="one hand-set run, printing a per-epoch table")
     add_model_argument(train, None, "the model")
     train.add_argument("--param", action="append", metavar="KEY=VALUE", help="set a hyperparameter (repeatable)")
     train.add_argument("--epochs", type=int, help="number of epochs (default: the model's reference setting)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--trial-seed", type=int, default=0, help="seed of the model's initial weights and of the "
+                                                                  "batch order (default 0)")
     train.add_argument("--test", action="store_true", help="also score the trained model on the test split")
     add_data_arguments(train)
     add_device_argument(train)
@@ -48,19 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     best = commands.add_parser("best", help="retrain the best trial of each study and score it once on test")
     add_model_argument(best, "all", "all (default), or a comma-separated list of models")
     add_storage_argument(best)
-    best.add_argument("--full-train", action="store_true", help="retrain on train+validation, not train alone")
+    add_full_train_argument(best)
     best.add_argument("--force", action="store_true", help="retrain even when a result is stored")
     add_artifacts_argument(best)
     add_device_argument(best)
-    best.add_argument("--cache-dir", type=Path, help="this host's cache folder (default ~/.cache/stl10-search)")
-    best.add_argument("--data-root", type=Path, help="this host's dataset folder, if not the one the study stored")
+    add_cache_dir_argument(best)
+    add_data_root_argument(best)
+    add_track_argument(best)
     best.set_defaults(handler="search.commands.results:run_best")
 
+    track = commands.add_parser("track", help="send the stored trials and tested best of finished studies to "
+                                              "experiment trackers")
+    add_model_argument(track, "all", "all (default), or a comma-separated list of models")
+    add_storage_argument(track)
+    add_track_argument(track, required=True)
+    track.set_defaults(handler="search.commands.track:run_track")
+
     report = commands.add_parser("report", help="write the results of every study as Markdown, HTML, JSON and CSV")
-    report.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
+    add_out_argument(report)
     report.add_argument("--format", default="md,html,json,csv", help="any of md,html,json,csv (default all)")
     add_storage_argument(report)
-    report.add_argument("--cache-dir", type=Path, help="cache folder for the data pictures (default ~/.cache/stl10-search)")
+    add_cache_dir_argument(report)
     report.set_defaults(handler="search.commands.results:run_report")
 
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the storage, with the weights artifacts")
@@ -73,21 +84,55 @@ def build_parser() -> argparse.ArgumentParser:
     add_artifacts_argument(dashboard)
     dashboard.set_defaults(handler="search.commands.results:run_dashboard")
 
+    export = commands.add_parser("export", help="write each study's retrained best as a bundle: weights, config, "
+                                                 "torch.export program, ONNX, README")
+    add_model_argument(export, "all", "all (default), or a comma-separated list of models")
+    add_storage_argument(export)
+    add_artifacts_argument(export)
+    add_out_argument(export, Path("bundles"), "bundles go to OUT/<study> (default ./bundles)")
+    export.add_argument("--format", help="any of safetensors,pt2,onnx (safetensors always; default all, onnx when "
+                                         "its packages are installed: pip install 'stl10-search[onnx]')")
+    export.set_defaults(handler="search.commands.export:run_export")
+
+    predict = commands.add_parser("predict", help="top-k classes of images with a bundle or a study's stored best")
+    predict.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files (or use --folder)")
+    predict.add_argument("--folder", type=Path, help="every image under DIR; DIR/<class>/ also gets accuracy and a "
+                                                     "confusion matrix")
+    predict.add_argument("--bundle", type=Path, help="a bundle folder written by `stl10-search export`")
+    predict.add_argument("--model", help=f"or the model `best` stored in --storage: {model_help()}")
+    add_storage_argument(predict)
+    add_artifacts_argument(predict)
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    add_out_argument(predict, None, "write the predictions to a .csv or .jsonl file (default: print)")
+    predict.add_argument("--batch-size", type=int, help="images per batch (default: as `best` tests)")
+    add_device_argument(predict)
+    predict.set_defaults(handler="search.commands.export:run_predict", family_file=None)
+
     run = commands.add_parser("run", help="the whole job: search, then best, then report (run again to continue)")
     add_model_argument(run, "all", "all (default), or a comma-separated list of models")
     add_search_arguments(run)
     add_launch_arguments(run)
-    run.add_argument("--full-train", action="store_true", help="retrain the best trials on train+validation")
+    add_full_train_argument(run)
     add_artifacts_argument(run)
-    run.add_argument("--out", type=Path, default=Path("report"), help="report folder (default ./report)")
+    add_out_argument(run)
     run.set_defaults(handler="search.commands.results:run_run")
     return parser
 
 
+def version() -> str:
+    """This project's installed version; a checkout run without installing says so."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("stl10-search")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_optuna()
     try:
         args = build_parser().parse_args(argv)
+        quiet_optuna()
         module_name, function_name = args.handler.split(":")
         handler = getattr(importlib.import_module(module_name), function_name)
         return int(handler(args) or 0)

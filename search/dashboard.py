@@ -7,7 +7,8 @@ trial's learning curves and the test confusion matrix, saved on the study with i
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+import socket
+from typing import Any, Callable
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -85,8 +86,22 @@ def check_host(host: str, allow_remote: bool) -> str | None:
             "can read, change and delete studies and artifacts")
 
 
-def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, host: str, port: int) -> None:
-    """Run the dashboard until Ctrl-C (optuna-dashboard's own wsgiref server)."""
-    from optuna_dashboard import run_server
+def serve(storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, host: str, port: int,
+          on_ready: Callable[[str], None] = print) -> None:
+    """Run the dashboard until Ctrl-C: bind first, tell `on_ready` the address it listens on, then serve.
 
-    run_server(storage, host=host, port=port, artifact_store=store)
+    The socket is bound before anything is said, so port 0 takes a free port and the address told is the real
+    one. optuna-dashboard's run_server gives no way to learn the port, so its WSGI app runs on wsgiref here,
+    the server run_server uses too.
+    """
+    from wsgiref.simple_server import WSGIServer, make_server
+
+    from optuna_dashboard import wsgi
+
+    bare = host.strip("[]")
+    server_class = WSGIServer
+    if ":" in bare:  # an IPv6 address
+        server_class = type("WSGIServerIPv6", (WSGIServer,), {"address_family": socket.AF_INET6})
+    with make_server(bare, port, wsgi(storage, artifact_store=store), server_class=server_class) as server:
+        on_ready(f"http://{f'[{bare}]' if ':' in bare else bare}:{server.server_port}/")
+        server.serve_forever()

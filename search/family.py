@@ -22,12 +22,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from search.errors import UserError
+from search.errors import USER_ERRORS, FamilyError, UserError
+from search.families import ENTRY_POINT_GROUP
 from search.space import Dim, customize, relevant
+from search.training import check_outputs
 
-ENTRY_POINT_GROUP = "stl10_search.families"
 Builder = Callable[[dict[str, Any], int, int, "str | None"], nn.Module]  # (params, num_classes, image_size, weights)
 
 _log = logging.getLogger(__name__)
@@ -117,9 +119,38 @@ class Family:
 
     def create_model(self, params: dict[str, Any], *, num_classes: int = 10, image_size: int | None = None,
                      weights: str | None = None) -> nn.Module:
-        """The network for `params`; missing parameters take the reference setting's values."""
+        """The network for `params`; missing parameters take the reference setting's values.
+
+        A builder that raises anything but a user error (a bad value, missing weights) is a FamilyError naming
+        the family and where it was defined: the fault is in the family, not in the search.
+        """
         merged = self.relevant({**self.defaults(), **self.reference, **params})
-        return self.build(merged, num_classes, image_size or self.image_size, weights if self.pretrained else None)
+        try:
+            return self.build(merged, num_classes, image_size or self.image_size, weights if self.pretrained else None)
+        except USER_ERRORS:
+            raise
+        except Exception as error:  # noqa: BLE001 - a family's own code: one line naming it
+            raise FamilyError(f"model family {self.name} ({self.origin}): building the model failed: "
+                              f"{type(error).__name__}: {error}") from None
+
+    def check(self, params: dict[str, Any], *, num_classes: int, image_size: int, weights: str | None) -> None:
+        """Build the model for `params` and run one batch of two images through it on the CPU.
+
+        Run once before any worker starts: a builder or forward pass that fails, or an output that is not
+        [batch, num_classes], is a FamilyError, instead of failed trials or trials that complete with a
+        meaningless accuracy. Building with `weights` also fetches them once (a download, for "imagenet").
+        """
+        model = self.create_model(params, num_classes=num_classes, image_size=image_size, weights=weights).eval()
+        images = torch.randn(2, 3, image_size, image_size)
+        try:
+            with torch.inference_mode():
+                outputs = model(images)
+        except USER_ERRORS:
+            raise
+        except Exception as error:  # noqa: BLE001 - the family's forward pass
+            raise FamilyError(f"model family {self.name} ({self.origin}): its model fails on a batch of "
+                              f"{image_size}x{image_size} images: {type(error).__name__}: {error}") from None
+        check_outputs(outputs, 2, num_classes, f"model family {self.name} ({self.origin})")
 
     def size_for(self, params: dict[str, Any], configured: int | None = None) -> int:
         """Input side in pixels: a searched `image_size`, else the configured one, else the family's own."""

@@ -2,8 +2,9 @@
 
 Features are keyed by what made them: the images (their fingerprint), the backbone's weights, the
 augmentation view, the code version and the numerics (device type and precision). They are kept in memory
-for the worker's life and on disk across processes. Augmentation stays meaningful: a fixed number of
-augmented views of the training images is cached and each epoch draws one.
+for the worker's life, up to a share of the device's memory (`FeatureMemory`), and on disk across processes.
+Augmentation stays meaningful: a fixed number of augmented views of the training images is cached and each
+epoch draws one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,24 +22,66 @@ from torch import nn
 from tqdm import tqdm
 
 from data import ImageSet, TrainSampler, eval_batch_size, fingerprint_of, normalize, padded_batches
-from search.pipeline import Augmentation
-from search.training import EVAL_BATCH_SIZE, autocast
+from search.pipeline import EVAL_BATCH_SIZE, Augmentation
+from search.training import autocast, numerics
 
 FEATURES_VERSION = 2  # bump when computing features changes (preprocessing, augmentation, precision)
 VIEW_SEED_BASE = 10_000  # views are shared by all trials, so their randomness must not depend on a trial's seed
 FEATURE_BATCH_SIZE = 512
-_MEMORY: dict[str, torch.Tensor] = {}
+MEMORY_SHARE = 0.1  # of the device's memory (a GPU's, or the host's RAM for the CPU) that cached features may hold
 _log = logging.getLogger(__name__)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: a GPU's total, or the host's physical RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class FeatureMemory:
+    """A worker's in-memory features: the least recently used go first once they pass `capacity` bytes.
+
+    The default capacity is MEMORY_SHARE of the memory of the device the first features are on (the worker's
+    training device). A view of 3,500 images is 18 MB, so a tenth of a 16 GB GPU holds about 90; beyond that a
+    trial reads its features from the disk cache. Features larger than the whole capacity are not kept.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(features.nbytes for features in self._entries.values())
+
+    def get(self, key: str) -> torch.Tensor | None:
+        features = self._entries.get(key)
+        if features is not None:
+            self._entries.move_to_end(key)
+        return features
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        if self.capacity is None:
+            self.capacity = int(MEMORY_SHARE * device_memory(features.device))
+        if features.nbytes > self.capacity:
+            return
+        self._entries[key] = features
+        self._entries.move_to_end(key)
+        while self.nbytes > self.capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every entry (benchmarks start cold with it; the disk cache stays)."""
+        self._entries.clear()
+
+
+MEMORY = FeatureMemory()  # this process's
 
 
 def weights_digest(module: nn.Module) -> str:
     """The identity of a module's weights (and batch-norm statistics)."""
     return fingerprint_of(*(item for name, tensor in module.state_dict().items() for item in (name, tensor.float())))
-
-
-def numerics(device: torch.device) -> str:
-    """How features are computed on this device: bf16 autocast on CUDA, fp32 on the CPU. Part of the key."""
-    return "cuda-bf16" if device.type == "cuda" else f"{device.type}-fp32"
 
 
 @torch.inference_mode()
@@ -80,13 +124,14 @@ def cached_features(
     augmented = None if view is None else (view, augmentation)
     key = fingerprint_of(FEATURES_VERSION, images.fingerprint, weights or weights_digest(backbone), augmented,
                          numerics(device))
-    if key in _MEMORY:
-        return _MEMORY[key].to(device)
+    features = MEMORY.get(key)
+    if features is not None:
+        return features.to(device)
     path = cache_dir / "features" / f"{key}.pt" if cache_dir else None
     features = _read(path, len(images), device)
     if features is None:
         features = _compute_once(backbone, images.images, device, path, view, augmentation)
-    _MEMORY[key] = features
+    MEMORY.put(key, features)
     return features
 
 

@@ -11,7 +11,7 @@ import math
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from search.errors import UserError
 
@@ -209,22 +209,25 @@ def _check_all(where: str, dim: Dim, values: list[Any]) -> None:
             raise UserError(f"{where}: {str(error).removeprefix(dim.name + ' ')}") from None
 
 
-def load_space_file(path: Path | str) -> dict[str, dict[str, Any]]:
-    """A TOML file with one table per model family, e.g. [cnn] lr = {low = 1e-4, high = 1e-2}; epochs = 10."""
-    from search.family import get_family  # the registry imports this module
+def load_space_file(path: Path | str, models: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A TOML file with one table per model family, e.g. [cnn] lr = {low = 1e-4, high = 1e-2}; epochs = 10.
 
-    path = Path(path)
+    `models`: the known family names; a table of any other name is a UserError.
+    """
+    path, known = Path(path), list(models)
+    if path.is_dir():
+        raise UserError(f"space file {path} is a folder; pass a TOML file, e.g. --space my_space.toml")
     try:
         content = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"space file {path} does not exist") from None
+    except OSError as error:  # no permission, a device that cannot be read
+        raise UserError(f"cannot read space file {path} ({error.strerror or error})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"space file {path} is not valid TOML: {error}") from None
     for family, table in content.items():
-        try:
-            get_family(family)
-        except UserError as error:
-            raise UserError(f"space file {path}: {error}") from None
+        if family not in known:
+            raise UserError(f"space file {path}: unknown model {family!r}; choose from {', '.join(known)}")
         if not isinstance(table, dict):
             raise UserError(f"space file {path}: [{family}] must be a table of parameters")
     return content

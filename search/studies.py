@@ -23,10 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 from search.errors import UserError
 from search.family import Family, get_family, load_family_file
 from search.pipeline import STORED_DATA_FIELDS, DataConfig
+from search.sampling import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from search.space import Dim, customize
 
-SAMPLERS = ("tpe", "random", "gp")
-PRUNERS = ("hyperband", "halving", "median", "none")
 SETTINGS_ATTR = "settings"
 DEADLINE_ATTR = "deadline"  # UTC seconds since the epoch after which no trial starts and running ones stop
 ENDED_ATTR = "ended"  # why the last search of the study ended: its trial budget or its time budget
@@ -38,8 +37,8 @@ OBJECTIVE_NAME = "validation accuracy"
 class StudySettings:
     family: str
     n_trials: int | None  # finished trials; None: no count, the time budget ends the search
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
+    sampler: str = SAMPLERS.default
+    pruner: str = PRUNERS.default
     seed: int = 0
     space: dict[str, Any] = field(default_factory=dict)  # the user's fixes and narrowed ranges
     data: dict[str, Any] = field(default_factory=dict)  # STORED_DATA_FIELDS of the DataConfig
@@ -174,30 +173,6 @@ def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
 def worker_seed(base_seed: int) -> int:
     """Different for every worker process, so parallel samplers do not propose the same points."""
     return (base_seed * 1_000_003 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())) % 2**31
-
-
-def make_sampler(kind: str, seed: int, n_trials: int | None) -> optuna.samplers.BaseSampler:
-    if kind == "tpe":
-        startup = max(4, min(10, (n_trials or 40) // 4))
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    raise UserError(f"unknown sampler {kind!r}; choose from {', '.join(SAMPLERS)}")
-
-
-def make_pruner(kind: str, max_epochs: int) -> optuna.pruners.BasePruner:
-    """Pruning reads per-epoch validation accuracy; Hyperband spreads the epoch budget over brackets."""
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3)
-    if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    raise UserError(f"unknown pruner {kind!r}; choose from {', '.join(PRUNERS)}")
 
 
 def load_for_work(storage: optuna.storages.BaseStorage, name: str, seed_offset: int | None = None

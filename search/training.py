@@ -14,14 +14,12 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from search.errors import UserError
+from search.errors import FamilyError, UserError
 from search.space import Dim, choice, integer, real
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 LOSSES = ("cross_entropy", "nll", "label_smoothing")
 SCHEDULES = ("constant", "cosine", "onecycle")
-EVAL_BATCH_SIZE = 1024  # evaluation batches on a GPU: one fixed shape, padded (see search.pipeline)
-CPU_EVAL_BATCH_SIZE = 128  # the CPU evaluates a small CNN 2x faster in batches of 64-128 than of 1024
 ONECYCLE_MIN_WARMUP = 0.25  # share of the steps a one-cycle schedule rises over when warmup_epochs is shorter
 
 
@@ -106,6 +104,15 @@ class Evaluation:
     predictions: torch.Tensor  # int64 [N] on the CPU
 
 
+def check_outputs(outputs: Any, batch: int, num_classes: int, who: str = "the model") -> None:
+    """A classifier's outputs are logits [batch, num_classes]: with more columns than classes, cross entropy
+    still runs and the accuracy is meaningless, so any other shape is a FamilyError."""
+    shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+    if shape != [batch, num_classes]:
+        raise FamilyError(f"{who} outputs {shape} for a batch of {batch}, expected [{batch}, {num_classes}] "
+                          "(batch, classes)")
+
+
 class BatchSource(Protocol):
     """Where batches come from: images augmented on the device, or cached backbone features."""
 
@@ -125,10 +132,6 @@ def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
     if callable(own):
         return own()
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
-
-
-def eval_batch_cap(device: torch.device) -> int:
-    return EVAL_BATCH_SIZE if device.type == "cuda" else CPU_EVAL_BATCH_SIZE
 
 
 def make_optimizer(model: nn.Module, params: dict[str, Any]) -> torch.optim.Optimizer:
@@ -185,9 +188,42 @@ def make_loss(params: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], 
     return lambda logits, y: nn.functional.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed precision of every run on `device`, None for fp32.
+
+    bf16 where the GPU runs it natively (compute capability 8.0 and up: A100, H100, RTX 30xx and later); fp16 with
+    loss scaling (`make_scaler`) on Volta and Turing (V100, T4), where bf16 falls back to slow kernels; fp32 on
+    older GPUs, which lack tensor cores, and on the CPU, where it is exact and reproducible.
+    """
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else None
+
+
+def numerics(device: torch.device) -> str:
+    """How runs compute on `device`, e.g. "cuda-bf16" or "cpu-fp32": part of what cached features and checkpoints
+    were made with, so that those made otherwise are not reused."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+    return f"{device.type}-{names[autocast_dtype(device)]}"
+
+
 def autocast(device: torch.device):
-    """bfloat16 mixed precision on CUDA; full precision on the CPU, where it is exact and reproducible."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Mixed precision in `autocast_dtype(device)`; a no-op where that is fp32."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def make_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16, whose narrow range would flush small gradients to zero; disabled (it then passes
+    the loss and the step through unchanged) for bf16 and fp32. Its state goes into checkpoints."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted ones."""
+    counts = torch.bincount(labels.cpu() * num_classes + predictions.cpu(), minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).tolist()
 
 
 @torch.inference_mode()
@@ -223,9 +259,15 @@ def train_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     loss_fn,
     device: torch.device,
+    scaler: torch.amp.GradScaler,
     on_batch: Callable[[], None] | None = None,
+    num_classes: int | None = None,
 ) -> tuple[float, float]:
-    """One pass of optimizer steps; returns (mean training loss, training accuracy), read once at the end."""
+    """One pass of optimizer steps; returns (mean training loss, training accuracy), read once at the end.
+
+    `scaler` (from `make_scaler`) scales the loss for fp16; it skips a step whose gradients overflowed. With
+    `num_classes`, the first batch's logits are checked to be [batch, num_classes] (`check_outputs`).
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -233,10 +275,13 @@ def train_epoch(
     for x, y in batches:
         with autocast(device):
             logits = model(x)
+            if num_classes is not None and count == 0:
+                check_outputs(logits, len(y), num_classes)
             loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()

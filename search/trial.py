@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from data import ImageSet
+from search.errors import os_reason
 from search.family import Family
 from search.features import FeatureBatches
 from search.pipeline import Augmentation, DataConfig, ImageBatches
 from search.training import (BatchSource, Diverged, EpochMetrics, Evaluation, evaluate, make_loss, make_optimizer,
-                             make_schedule, train_epoch)
+                             make_scaler, make_schedule, numerics, train_epoch)
 
 _log = logging.getLogger(__name__)
 
@@ -51,31 +52,43 @@ class Fit:
 class Checkpoint:
     """Where a run's last epoch is saved, and what made the run.
 
-    `identity` (study, trial, params, seed, data) is saved with the weights and compared on load: a file
-    made by another study, trial, setting or dataset is never resumed from, only deleted. After a run,
-    `restored_epochs` says how many of its epochs came from the file.
+    `identity` (study, trial, params, seed, data) is saved with the weights and compared on load, together with
+    the conditions the run computes under (`run_conditions`): a file made by another study, trial, setting or
+    dataset, or on another kind of device, is never resumed from, only deleted. After a run, `restored_epochs`
+    says how many of its epochs came from the file.
     """
 
     path: Path
     identity: dict[str, Any]
     restored_epochs: int = 0
 
-    def load(self, device: torch.device) -> dict[str, Any] | None:
+    def load(self, conditions: dict[str, str]) -> dict[str, Any] | None:
+        """The saved state, read to the CPU, when this run under these conditions made it; else None.
+
+        The CPU, whatever the run's device: `optimizer.load_state_dict` moves each state tensor to its parameter's
+        device but leaves Adam's step counts where they are, and on a GPU each would cost a host sync every step.
+        """
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location=device, weights_only=True)
-            matches = isinstance(state, dict) and state.get("identity") == self.identity
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            made = state.get("identity") if isinstance(state, dict) else None
         except Exception as error:  # noqa: BLE001 - an unreadable checkpoint means starting over, not failing
             _log.warning("ignoring unreadable checkpoint %s (%s)", self.path, error)
-            matches = False
-        if not matches:
+            made = None
+        expected = {**self.identity, **conditions}
+        if made == expected:
+            return state
+        if isinstance(made, dict) and {k: made.get(k) for k in self.identity} == self.identity:
+            made_under = {k: made.get(k) for k in conditions}
+            _log.warning("checkpoint %s was made under %s, this run computes under %s; starting over",
+                         self.path, made_under, conditions)
+        else:
             _log.warning("checkpoint %s was made by another run; starting over", self.path)
-            self.discard()
-            return None
-        return state
+        self.discard()
+        return None
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any], conditions: dict[str, str]) -> None:
         """Write then rename, so a run killed mid-write leaves the previous epoch's file intact.
 
         A checkpoint that cannot be written (a full disk) costs a resume, not the run: a warning, no error.
@@ -83,16 +96,50 @@ class Checkpoint:
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({**state, "identity": self.identity}, temporary)
+            with open(temporary, "wb") as file:  # a file object: torch's error then carries the OSError
+                torch.save({**state, "identity": {**self.identity, **conditions}}, file)
             os.replace(temporary, self.path)
         except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
             with contextlib.suppress(OSError):
                 temporary.unlink()
-            _log.warning("could not write checkpoint %s (%s); this run cannot resume from it", self.path, error)
+            _log.warning("could not write checkpoint %s (%s); this run cannot resume from it", self.path,
+                         os_reason(error))
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def run_conditions(device: torch.device, parts: dict[str, ImageSet]) -> dict[str, str]:
+    """What a run's state depends on besides its settings: the numerics (device type and precision) and where the
+    images are (on the GPU, or in host memory when they do not fit), which is where its random generators live."""
+    return {"numerics": numerics(device), "images": parts["train"].images.device.type}
+
+
+def resume(checkpoint: Checkpoint, conditions: dict[str, str], source: BatchSource,
+           resumable: dict[str, Any]) -> list[EpochMetrics]:
+    """Set the source and `resumable` (model, optimizer, schedule, scaler by name) to the checkpoint's last epoch
+    and return its epochs; [] (and the file deleted) to start over.
+
+    The source goes first: its random states are the part most tied to a device, and one that cannot take them is
+    set back to its first state, so that the run starts over from where a run without the file starts.
+    """
+    state = checkpoint.load(conditions)
+    if state is None:
+        return []
+    if state.get("source") is not None:
+        first = source.state_dict()
+        try:
+            source.load_state_dict(state["source"])
+        except Exception as error:  # noqa: BLE001 - a checkpoint that cannot be resumed means starting over
+            source.load_state_dict(first)
+            _log.warning("checkpoint %s holds batch state this run cannot take (%s); starting over",
+                         checkpoint.path, error)
+            checkpoint.discard()
+            return []
+    for name, part in resumable.items():
+        part.load_state_dict(state[name])
+    return [EpochMetrics(**row) for row in state["history"]]
 
 
 def uses_feature_cache(model: nn.Module) -> bool:
@@ -175,18 +222,15 @@ def run_trial(
         on_start(model, source)
     optimizer = make_optimizer(trained, params)
     schedule = make_schedule(optimizer, params, source.num_batches())
+    scaler = make_scaler(device)
+    resumable = {"model": trained, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
+    conditions = run_conditions(device, parts)
     loss_fn = make_loss(params)
     last = min(int(params["epochs"]), stop_after or int(params["epochs"]))
     history: list[EpochMetrics] = []
     try:
-        restored = checkpoint.load(device) if checkpoint is not None else None
-        if restored is not None:
-            trained.load_state_dict(restored["model"])
-            optimizer.load_state_dict(restored["optimizer"])
-            schedule.load_state_dict(restored["schedule"])
-            if restored.get("source") is not None:
-                source.load_state_dict(restored["source"])
-            history = [EpochMetrics(**row) for row in restored["history"]]
+        if checkpoint is not None:
+            history = resume(checkpoint, conditions, source, resumable)
             checkpoint.restored_epochs = len(history)
             for metrics in history:
                 if on_epoch is not None:
@@ -194,7 +238,7 @@ def run_trial(
         for epoch in range(len(history) + 1, last + 1):
             started = time.perf_counter()
             train_loss, train_accuracy = train_epoch(trained, source.train_batches(epoch), optimizer, schedule,
-                                                     loss_fn, device, on_batch)
+                                                     loss_fn, device, scaler, on_batch, len(parts["train"].classes))
             if not math.isfinite(train_loss):
                 raise Diverged(epoch, train_loss)
             val = evaluate(trained, source.eval_batches("val"), loss_fn, device)
@@ -202,9 +246,9 @@ def run_trial(
                                    time.perf_counter() - started)
             history.append(metrics)
             if checkpoint is not None and epoch < last:
-                checkpoint.save({"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "schedule": schedule.state_dict(), "history": [m.as_dict() for m in history],
-                                 "source": source.state_dict() if hasattr(source, "state_dict") else None})
+                checkpoint.save({**{name: part.state_dict() for name, part in resumable.items()},
+                                 "history": [m.as_dict() for m in history],
+                                 "source": source.state_dict() if hasattr(source, "state_dict") else None}, conditions)
             if on_epoch is not None:
                 on_epoch(metrics)
     except Interrupted:

@@ -31,7 +31,7 @@ def source_study(url: str, name: str | None, study_name: str, family: str) -> op
     path = storage_file(url)
     if path is not None and not path.is_file():
         raise UserError(f"--warm-start: no storage file {path}")
-    storage = open_storage(url)
+    storage = open_storage(url, read_only=True)  # a source is only read: it may be a shared, read-only file
     names = existing_study_names(storage)
     if name is None:
         if study_name in names:

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from data import DataError, ImageSet
 from models import count_trainable
-from search.errors import USER_ERRORS
+from search.errors import USER_ERRORS, StorageUnavailable
 from search.pipeline import DataConfig, load_parts, place
 from search.space import suggest
 from search.storage import budget_lock
@@ -41,6 +41,13 @@ class StopRequested(Interrupted):
     def __init__(self, epoch: int) -> None:
         super().__init__(f"interrupted after epoch {epoch}; queued again")
         self.epoch = epoch
+
+
+class ClockStopped(Exception):
+    """The study's deadline passed: the trial ends at this epoch boundary as a result at fewer epochs."""
+
+    def __init__(self, epoch: int, epochs: int) -> None:
+        super().__init__(f"time budget: stopped after epoch {epoch} of {epochs} at the study's deadline")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,8 @@ def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iter
 
 
 def free_device_memory() -> None:
+    """Give the GPU memory of a trial that ran out of it back to the other workers on the GPU; call it once nothing
+    (no traceback either) refers to the trial's objects any more."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -110,17 +119,22 @@ class StudyWork:
     def run(self, trial: optuna.Trial, deadline: float | None = None) -> Outcome:
         """Run one trial; at `deadline` (UTC seconds) it stops at its next epoch boundary, pruned."""
         history: list[dict[str, float]] = []
+        out_of_memory = False
         try:
             return self._run(trial, history, deadline)
         except optuna.TrialPruned as pruned:
             return Outcome(TrialState.PRUNED, None, str(pruned))
+        except ClockStopped as stopped:
+            return self._completed(trial, history, str(stopped))
         except Diverged as diverged:
             return Outcome(TrialState.PRUNED, None, str(diverged))
         except torch.OutOfMemoryError as error:
-            free_device_memory()
+            out_of_memory = True
             return Outcome(TrialState.FAIL, None, f"out of memory: {str(error).splitlines()[0]}")
         except DataError:
             raise  # not this setting's fault: the worker leaves the study, the trial is queued again
+        except StorageUnavailable:
+            raise  # damaged, read-only or full: the worker stops, its trial is run again (queued, or when stale)
         except USER_ERRORS as error:
             return Outcome(TrialState.FAIL, None, f"invalid parameters: {error}")
         except StopRequested:
@@ -131,6 +145,8 @@ class StudyWork:
         finally:
             with contextlib.suppress(Exception):  # also when the trial was already failed as stale
                 trial.set_user_attr("history", history)
+            if out_of_memory:  # here, not in `except`, whose traceback holds the trial's model, optimizer and graph
+                free_device_memory()
 
     def _run(self, trial: optuna.Trial, history: list[dict[str, float]], deadline: float | None) -> Outcome:
         params = self.family.relevant({**self.family.resolve(), **suggest(trial, self.dims)})
@@ -153,8 +169,7 @@ class StudyWork:
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: validation accuracy "
                                          f"{metrics.val_accuracy:.2%}")
             if deadline is not None and metrics.epoch < epochs and time.time() >= deadline:
-                raise optuna.TrialPruned(f"time budget: stopped after epoch {metrics.epoch} of {epochs} at the "
-                                         f"study's deadline; validation accuracy {metrics.val_accuracy:.2%}")
+                raise ClockStopped(metrics.epoch, epochs)
             if self.stop.is_set() and metrics.epoch < epochs:
                 raise StopRequested(metrics.epoch)
 
@@ -166,10 +181,14 @@ class StudyWork:
         finally:
             if checkpoint is not None and checkpoint.restored_epochs:
                 trial.set_user_attr("resumed_after_epoch", checkpoint.restored_epochs)
+        return self._completed(trial, history, f"completed {epochs} epochs")
+
+    @staticmethod
+    def _completed(trial: optuna.Trial, history: list[dict[str, float]], how: str) -> Outcome:
+        """A trial that ran to its end, or to the deadline: its value is its best epoch's validation accuracy."""
         best = max(history, key=lambda h: h["val_accuracy"])
         trial.set_user_attr("best_epoch", int(best["epoch"]))
-        return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"completed {epochs} epochs; best at epoch "
-                                                                   f"{int(best['epoch'])}")
+        return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"{how}; best at epoch {int(best['epoch'])}")
 
 
 @contextlib.contextmanager

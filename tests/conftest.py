@@ -146,7 +146,7 @@ def feature_computations(monkeypatch: pytest.MonkeyPatch) -> list:
     """An empty in-process feature cache, and a list that grows by one per backbone pass over a set of images."""
     import search.features
 
-    monkeypatch.setattr(search.features, "_MEMORY", {})
+    monkeypatch.setattr(search.features, "MEMORY", search.features.FeatureMemory())
     calls: list = []
     compute = search.features.compute_features
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
+from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+import bench.trial_cost
 from bench.search_quality import model_params
 from bench.search_throughput import GpuSampler, fixed_params
 from bench.trial_cost import cudnn_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+GPU_CHECK = REPO_ROOT / "bench" / "gpu_check.sh"
 
 
 def test_throughput_trials_fix_the_work_and_search_only_lr_decay_dropout():
@@ -38,12 +45,51 @@ def test_cudnn_settings_on_cuda_only():
         cudnn_settings("maybe", torch.device("cuda"))
 
 
+def _last(command: list[str], option: str) -> str:
+    """The value of the last `option` in `command`, the one argparse keeps."""
+    return command[len(command) - command[::-1].index(option)]
+
+
+def test_each_cudnn_setting_is_measured_in_a_process_of_its_own(tmp_path, monkeypatch, capsys):
+    """In one process "off" reused the plans "on" had tuned: cuDNN v8 reads its plan cache before the flag."""
+    monkeypatch.setattr(bench.trial_cost, "resolve_device", lambda name: torch.device("cuda"))
+    started: list[list[str]] = []
+
+    def child(command: list[str]) -> subprocess.CompletedProcess:
+        started.append(command)
+        setting = _last(command, "--cudnn-benchmark")
+        rows = [[name, "3", "64", "-" if name == "logreg" else setting, "1.0", "0.5", "-", "-", "2.0", "4.0x"]
+                for name in _last(command, "--models").split(",")]
+        Path(_last(command, "--rows-out")).write_text(json.dumps(
+            {"rows": rows, "notes": [], "sizes": {"64": "64px: 140 train / 60 val"}, "threads": 1}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.trial_cost.subprocess, "run", child)
+    bench.trial_cost.main(["--device", "cuda", "--models", "logreg,cnn", "--cudnn-benchmark", "on,off",
+                           "--data-root", str(tmp_path), "--repeats", "1"])
+    assert [_last(c, "--cudnn-benchmark") for c in started] == ["on", "off"]  # one process per setting
+    assert [_last(c, "--models") for c in started] == ["logreg,cnn", "cnn"]  # no convolutions: measured once
+    assert all(c[:3] == [sys.executable, "-m", "bench.trial_cost"] for c in started)
+    table = capsys.readouterr().out.split("\n-")[1].splitlines()[1:]
+    assert [line.split("|")[0].strip() + " " + line.split("|")[3].strip() for line in table if "|" in line] == [
+        "logreg -", "cnn on", "cnn off"]
+
+
+def test_a_process_for_one_setting_writes_its_rows_for_the_parent(tiny_imagefolder, tmp_path, capsys):
+    rows = tmp_path / "rows.json"
+    bench.trial_cost.main(["--device", "cpu", "--models", "logreg", "--images", "16", "--epochs", "1", "--repeats",
+                           "1", "--threads", "1", "--data-root", str(tiny_imagefolder), "--rows-out", str(rows)])
+    measured = json.loads(rows.read_text())
+    assert [row[:3] for row in measured["rows"]] == [["logreg", "1", "64"]]
+    assert measured["threads"] == 1 and "ratio" not in capsys.readouterr().out  # the parent prints the table
+
+
 def test_gpu_sampler_reads_samples_and_ends_its_child(tmp_path):
     sampler = GpuSampler(0, 50, tmp_path / "samples.csv")
     sampler.command = [sys.executable, "-u", "-c",
                        "import time\nwhile True:\n    print('40, 1000', flush=True); time.sleep(0.02)"]
     with sampler:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # a hang guard, not a speed bound
         while len(sampler.samples) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
     assert sampler.process.poll() is not None, "the sampler's child must be ended on leaving the block"
@@ -52,7 +98,7 @@ def test_gpu_sampler_reads_samples_and_ends_its_child(tmp_path):
 
 
 def test_gpu_check_rejects_a_bad_device_at_once():
-    result = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), "--device", "tpu"],
+    result = subprocess.run(["bash", str(GPU_CHECK), "--device", "tpu"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "cuda or cpu" in result.stderr
 
@@ -65,6 +111,58 @@ def test_nvidia_smi_sampler_on_a_gpu():
         time.sleep(1.0)
     assert sampler.error is None and sampler.samples
     assert sampler.process.poll() is not None
+
+
+def _listed_wheels() -> list[str]:
+    """The wheels gpu_check.sh's header says a box with only PyTorch and torchvision needs."""
+    return [name for line in GPU_CHECK.read_text().splitlines() if line.startswith("#   wheels:")
+            for name in line.split(":", 1)[1].split()]
+
+
+def _with_requirements(names: list[str]) -> set[str]:
+    """The installed distributions `names`, with everything they require (extras left out), as pip installs them."""
+    found: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = canonicalize_name(pending.pop())
+        if name not in found:
+            found.add(name)
+            requirements = [Requirement(text) for text in distribution(name).requires or []]
+            pending += [r.name for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
+    return found
+
+
+def _link_distribution(name: str, folder: Path) -> None:
+    """Links in `folder` to each top-level module and metadata folder of an installed distribution."""
+    files = distribution(name).files or []
+    for top in sorted({file.parts[0] for file in files} - {"..", "__pycache__"}):
+        if not top.endswith(".pth") and not (folder / top).exists():
+            (folder / top).symlink_to(Path(distribution(name).locate_file(top)))
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_with_only_torch_torchvision_and_the_wheels_its_header_lists(tiny_imagefolder, tmp_path):
+    """As on a GPU box prepared by gpu-prep.sh: pytest needs Pygments, plotly narwhals; without them `pytest -m cuda`
+    ran nothing, and `best` and `report` crashed."""
+    wheels = _listed_wheels()
+    assert {"pytest", "Pygments", "narwhals", "PyYAML", "optuna"} <= set(wheels)
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in sorted(_with_requirements(["torch", "torchvision"]) | {canonicalize_name(w) for w in wheels}):
+        _link_distribution(name, site)
+    venv = tmp_path / "venv"  # no site-packages of its own; the workers the check starts run this python too
+    subprocess.run([str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", "--without-pip", str(venv)],
+                   check=True)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "STL10_SEARCH_"))}
+    env["PYTHONPATH"] = str(site)
+    python = str(venv / "bin" / "python")
+    unlisted = subprocess.run([python, "-c", "import scipy"], env=env, capture_output=True, text=True)
+    assert "No module named 'scipy'" in unlisted.stderr  # installed here, but not for the check
+    result = subprocess.run(["bash", str(GPU_CHECK), "--device", "cpu", "--python", python,
+                             "--data-root", str(tiny_imagefolder), "--out", str(tmp_path / "out")],
+                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "all steps passed" in result.stdout
 
 
 def test_pack_bench_members_differ_as_a_searchs_trials_and_share_the_rest():

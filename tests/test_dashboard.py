@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,17 +17,10 @@ from search.dashboard import check_host
 from search.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 60  # importing torch on a busy CI machine can take a while
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:
         return json.load(response)
 
 
@@ -45,30 +36,36 @@ def test_dashboard_serves_studies_and_artifacts(tmp_path: Path) -> None:
     (tmp_path / "artifacts").mkdir()
     artifact_id = optuna.artifacts.upload_artifact(study_or_trial=study, file_path=str(weights), artifact_store=store)
 
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--port", str(port), "--storage", url],
-                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", "--port", "0", "--storage", url],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                studies = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+        lines, found = [], None
+        for line in process.stdout:  # the address is printed once its port is bound: nothing to race for
+            lines.append(line)
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)/ ", line)
+            if found:
                 break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "dashboard did not answer in time"
-                time.sleep(0.3)
+        assert found, "".join(lines)
+        port = int(found.group(1))
+        assert port != 0
+        studies = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
         assert [s["study_name"] for s in studies] == ["logreg"]
         detail = get_json(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}")
         assert len(detail["trials"]) == 2
         assert [a["artifact_id"] for a in detail["artifacts"]] == [artifact_id]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{studies[0]['study_id']}/{artifact_id}",
-                                    timeout=5) as response:
+                                    timeout=60) as response:
             assert response.read() == b"weights"
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_dashboard_port_is_8080_unless_told() -> None:
+    from search.cli import build_parser
+
+    assert build_parser().parse_args(["dashboard"]).port == 8080
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.1.1"])
@@ -87,7 +84,7 @@ def test_dashboard_on_all_interfaces_is_refused_before_anything_is_served(tmp_pa
     from search.cli import main
 
     url = f"sqlite:///{tmp_path}/studies.db"
-    assert main(["dashboard", "--host", "0.0.0.0", "--port", str(free_port()), "--storage", url]) == 2
+    assert main(["dashboard", "--host", "0.0.0.0", "--port", "0", "--storage", url]) == 2
     error = capsys.readouterr().err
     assert error.startswith("stl10-search: error: --host 0.0.0.0") and "--allow-remote" in error
     assert error.count("\n") == 1 and "Traceback" not in error

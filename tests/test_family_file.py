@@ -124,3 +124,127 @@ def test_the_readme_resnet18_family_builds_and_searches_its_space(tmp_path: Path
     model = family.create_model(family.resolve(), num_classes=10, weights="none")
     assert model.eval()(torch.zeros(2, 3, family.image_size, family.image_size)).shape == (2, 10)
     assert family.reference_trial(family.dims())  # --enqueue-reference has something to run
+
+
+# --- a family is checked before it runs --------------------------------------------------------------------
+
+BROKEN_FAMILIES = {
+    "build raises": ('    channels = params["channels"]\n', "    raise KeyError('no such layer')\n",
+                     "building the model failed: KeyError"),
+    "forward raises": ("nn.Linear(channels, num_classes))", "nn.Linear(channels + 1, num_classes))",
+                       "fails on a batch of 16x16 images: RuntimeError"),
+    "wrong output width": ("nn.Linear(channels, num_classes))", "nn.Linear(channels, num_classes + 7))",
+                           "outputs [2, 11] for a batch of 2, expected [2, 4]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FAMILIES))
+def test_a_family_that_cannot_build_or_run_its_model_stops_search_before_any_worker(
+        case: str, tmp_path: Path, tiny_imagefolder: Path, capsys: pytest.CaptureFixture) -> None:
+    old, new, message = BROKEN_FAMILIES[case]
+    path = tmp_path / f"broken_{case.replace(' ', '_')}.py"
+    path.write_text(TINY_FAMILY.replace(old, new).replace('name="tinynet"', f'name="broken{len(case)}"'))
+    from search.cli import main
+
+    code = main(["search", "--model", f"broken{len(case)}", "--family-file", str(path), "--n-trials", "2",
+                 "--workers", "1", "--storage", f"sqlite:///{tmp_path / 'studies.db'}",
+                 "--log-dir", str(tmp_path / "logs"), "--dataset", "imagefolder", "--data-root", str(tiny_imagefolder),
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and str(path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "studies.db").exists() and not (tmp_path / "logs").exists()  # nothing created or started
+
+
+def test_a_trial_whose_setting_gives_the_wrong_output_width_fails_with_that_reason(tmp_path: Path, tiny_config) -> None:
+    """The reference setting passes the check; a sampled width that adds outputs must not complete."""
+    import threading
+
+    from search.storage import open_storage
+    from search.studies import StudySettings, create_or_update, data_fields
+    from search.worker import work
+
+    path = tmp_path / "wide_family.py"
+    path.write_text(TINY_FAMILY.replace("nn.Linear(channels, num_classes))",
+                                        "nn.Linear(channels, num_classes + params['extra']))")
+                    .replace('integer("channels", 4, 16)', 'integer("channels", 4, 16), integer("extra", 3, 3)')
+                    .replace('name="tinynet"', 'name="widenet"'))
+    load_family_file(path)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    storage = open_storage(url)
+    create_or_update(storage, "widenet", StudySettings("widenet", 1, data=data_fields(tiny_config),
+                                                       family_file=str(path)))
+    work(storage, ["widenet"], torch.device("cpu"), threading.Event(), data_overrides={"cache_dir": tiny_config.cache_dir},
+         log=lambda line: None)
+    trial = optuna.load_study(study_name="widenet", storage=url).get_trials()[0]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert re.search(r"outputs \[(\d+), 7\] for a batch of \1, expected \[\1, 4\]", trial.user_attrs["reason"])
+
+
+PRETRAINED_FAMILY = TINY_FAMILY.replace('''def build(params, num_classes, image_size, weights):
+    channels = params["channels"]
+    return''', '''def build(params, num_classes, image_size, weights):
+    import torch
+
+    channels = params["channels"]
+    net = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(channels, num_classes))
+    if weights not in (None, "none"):
+        stem = torch.load(weights, weights_only=True)
+        net[0].weight.data[:len(stem["weight"])] = stem["weight"]
+    return''').replace("    image_size=16,", "    image_size=16,\n    pretrained=True,")
+
+
+def test_a_pretrained_family_file_loads_its_own_weights_file(tmp_path: Path, tiny_imagefolder: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """--weights goes to the family's builder as given: no MobileNetV2 loader in between."""
+    path = tmp_path / "pretrained_family.py"
+    path.write_text(PRETRAINED_FAMILY.replace('name="tinynet"', 'name="pretrainednet"'))
+    weights = tmp_path / "own.pt"
+    torch.save({"weight": torch.full((4, 3, 3, 3), 0.5)}, weights)
+    from search.cli import main
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    code = main(["search", "--model", "pretrainednet", "--family-file", str(path), "--n-trials", "1", "--workers", "0",
+                 "--storage", url, "--weights", str(weights), "--dataset", "imagefolder",
+                 "--data-root", str(tiny_imagefolder), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 0, capsys.readouterr().err
+    settings = optuna.load_study(study_name="pretrainednet", storage=url).user_attrs["settings"]
+    assert settings["data"]["weights"] == str(weights.resolve())
+
+
+def test_best_reports_a_family_that_fails_while_retraining_in_one_line(tmp_path: Path, tiny_config,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """The family worked during the search, then its file changed: `best` says where it broke, no traceback."""
+    import threading
+
+    from search.cli import main
+    from search.storage import open_storage
+    from search.studies import StudySettings, create_or_update, data_fields
+    from search.worker import work
+
+    path = tmp_path / "flaky_family.py"
+    path.write_text(TINY_FAMILY.replace('name="tinynet"', 'name="flakynet"'))
+    load_family_file(path)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    storage = open_storage(url)
+    create_or_update(storage, "flakynet", StudySettings("flakynet", 1, data=data_fields(tiny_config),
+                                                        family_file=str(path)))
+    work(storage, ["flakynet"], torch.device("cpu"), threading.Event(),
+         data_overrides={"cache_dir": tiny_config.cache_dir}, log=lambda line: None)
+    family = get_family("flakynet")
+    broken = family.build
+
+    def build(params, num_classes, image_size, weights):
+        model = broken(params, num_classes, image_size, weights)
+        model.register_forward_hook(lambda module, args, output: (_ for _ in ()).throw(RuntimeError("bad layer")))
+        return model
+
+    object.__setattr__(family, "build", build)
+    capsys.readouterr()
+    code = main(["best", "--model", "flakynet", "--storage", url, "--cache-dir", str(tiny_config.cache_dir),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"retraining failed in model family flakynet ({path.resolve()}): RuntimeError: bad layer" in err
+    assert "Traceback" not in err

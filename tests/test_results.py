@@ -64,12 +64,39 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     assert result["epochs"] == study.best_trial.user_attrs["best_epoch"]  # retrained to the epoch validation chose
     assert result["params"] == study.best_trial.user_attrs["params"]  # on the trial's own schedule
     assert set(result["latency_ms"]) == {"batch_1", "batch_256"} and all(v > 0 for v in result["latency_ms"].values())
+    assert set(result["latency_iqr_ms"]) == {"batch_1", "batch_256"} and result["latency_threads"] >= 1
     assert len(result["confusion_matrix"]) == len(result["classes"]) == len(result["per_class_accuracy"]) == 4
     assert sum(map(sum, result["confusion_matrix"])) == result["test_images"] == 24
     assert result["full_train"] is False and result["trainable_parameters"] > 0
     weights = Path(tested["folder"]) / "artifacts" / result["artifact_id"]
     assert weights.is_file()
     assert any(k.startswith("dashboard:plot_data:") for k in study._storage.get_study_system_attrs(study._study_id))
+
+
+def test_latency_is_the_median_of_the_steadiest_measurement_and_a_wide_spread_is_measured_again(monkeypatch) -> None:
+    """A burst of other work spreads one measurement wide: it is taken again, and the steady one is kept."""
+    import torch.utils.benchmark
+
+    from search.best import measure_latency
+
+    spreads = iter([(2.0, 1.5), (1.0, 0.05), (1.0, 0.01), (1.0, 0.02)])  # (median, iqr) seconds per call, in order
+
+    class Timer:
+        def __init__(self, stmt, globals, num_threads) -> None:
+            self.threads = num_threads
+
+        def blocked_autorange(self, min_run_time):
+            median, iqr = next(spreads)
+            return type("Measurement", (), {"median": median, "iqr": iqr})
+
+    monkeypatch.setattr(torch.utils.benchmark, "Timer", Timer)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    latency = measure_latency(model, 4, torch.device("cpu"))
+    # batch 1: 2.0 s +- 1.5 is too wide, measured again: 1.0 s +- 0.05; batch 256: steady at once (1.0 s +- 0.01)
+    assert latency["latency_ms"] == {"batch_1": 1000.0, "batch_256": 1000.0 / 256}
+    assert latency["latency_iqr_ms"] == {"batch_1": 50.0, "batch_256": 10.0 / 256}
+    assert latency["latency_threads"] == torch.get_num_threads()
+    assert next(spreads) == (1.0, 0.02)  # no third measurement of a steady figure
 
 
 def test_best_saves_the_cross_model_plot_on_every_study(tested: dict) -> None:

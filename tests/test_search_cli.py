@@ -11,7 +11,9 @@ import optuna
 import pytest
 import torchvision.datasets
 
+from conftest import REPO_ROOT
 from search.cli import main
+from search.family import get_family
 
 
 def _no_study_in(db: Path) -> bool:
@@ -60,7 +62,6 @@ def test_the_good_command_line_does_create_the_study(search_args, tmp_path: Path
     ("empty range in the space file", ["logreg.lr: empty range"]),
     ("no trials", ["--n-trials must be at least 1"]),
     ("a GPU that does not exist", ["--gpus names GPU", "3", "does not exist"]),
-    ("unknown sampler", ["--sampler 'bayes' is unknown"]),
     ("parameter of a model not searched", ["cnn is not among the models searched"]),
     ("image folder without its folder", ["--data-root DIR"]),
     ("an epoch budget of zero", ["logreg.epochs: must be between 1 and 10000, got 0"]),
@@ -80,7 +81,6 @@ def test_bad_search_input_is_one_line_exit_2_and_no_study(case: str, fragments: 
             "--space", _space_file(tmp_path, "[logreg]\nlr = {low = 1e-2, high = 1e-4}\n")),
         "no trials": lambda: search_args("--n-trials", "0"),
         "a GPU that does not exist": lambda: search_args("--gpus", "3"),
-        "unknown sampler": lambda: search_args("--sampler", "bayes"),
         "parameter of a model not searched": lambda: search_args("--param", "cnn.n_conv=2"),
         "an epoch budget of zero": lambda: search_args("--param", "epochs=0"),
         "a negative epoch budget": lambda: search_args("--param", "epochs=-3"),
@@ -119,11 +119,27 @@ def test_worker_for_a_study_that_does_not_exist_says_how_to_create_it(tmp_path: 
     assert _no_study_in(tmp_path / "studies.db")
 
 
-def test_a_bad_flag_value_is_an_argparse_error_with_exit_2(capsys) -> None:
+@pytest.mark.parametrize("flag, value, fragments", [
+    ("--n-trials", "many", ["--n-trials", "invalid int value"]),
+    ("--sampler", "bayes", ["--sampler", "invalid choice: 'bayes'", "tpe", "random", "gp"]),
+    ("--pruner", "early", ["--pruner", "invalid choice: 'early'", "hyperband", "median"]),
+])
+def test_a_bad_flag_value_is_an_argparse_error_with_exit_2(flag: str, value: str, fragments: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["search", "--n-trials", "many"])
+        main(["search", flag, value])
     assert exited.value.code == 2
-    _assert_clean_error(2, capsys.readouterr().err, "--n-trials", "invalid int value")
+    _assert_clean_error(2, capsys.readouterr().err, *fragments)
+
+
+def test_sampler_and_pruner_choices_and_help_come_from_their_registries(capsys) -> None:
+    from search.sampling import PRUNERS, SAMPLERS
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for registry in (SAMPLERS, PRUNERS):
+        assert "{" + ",".join(registry.names()) + "}" in text
+        assert all(" ".join(entry.help.split()) in text for entry in registry.entries())
 
 
 @pytest.mark.parametrize("prefix", ["../escape-", "runs/a-", "a/../../b"])
@@ -143,3 +159,44 @@ def test_bad_input_from_the_installed_command_is_one_line_without_traceback(tmp_
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "secret" not in result.stderr
     assert "stl10-search: error: cannot open storage postgresql://u:***@127.0.0.1:1/db" in result.stderr
+
+
+def test_help_imports_neither_torch_nor_optuna_nor_plotly() -> None:
+    """--help of every command answers at once: the parser is built without the heavy packages."""
+    code = ("import sys, contextlib, io\n"
+            "from search.cli import build_parser, main\n"
+            "for argv in (['--help'], ['search', '--help'], ['best', '--help'], ['run', '--help'], ['space', '--help'],\n"
+            "             ['worker', '--help'], ['track', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "print(sorted(m for m in ('torch', 'optuna', 'plotly', 'sqlalchemy', 'torchvision', 'mlflow', 'tensorboard',\n"
+            "                         'wandb') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_version_and_the_model_list_in_help(capsys) -> None:
+    import importlib.metadata
+
+    from search.family import families
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stl10-search {importlib.metadata.version('stl10-search')}"
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in families() if get_family(name).origin == "built-in")
+
+
+def test_common_flags_take_their_defaults_from_the_environment(monkeypatch) -> None:
+    from search.cli import build_parser
+
+    monkeypatch.setenv("STL10_SEARCH_DEVICE", "cpu")
+    monkeypatch.setenv("STL10_SEARCH_CACHE_DIR", "/tmp/cache-from-env")
+    monkeypatch.setenv("STL10_SEARCH_DATA_ROOT", "/tmp/data-from-env")
+    args = build_parser().parse_args(["best"])
+    assert (args.device, str(args.cache_dir), str(args.data_root)) == ("cpu", "/tmp/cache-from-env", "/tmp/data-from-env")
+    assert build_parser().parse_args(["best", "--device", "cuda:1"]).device == "cuda:1"  # a flag wins

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import types
 
 import pytest
 import torch
 from torch import nn
 
 import search.features
+import search.training
+import search.trial
 from data import normalize
 from search.family import get_family
-from search.features import FeatureBatches
-from search.pipeline import Augmentation, ImageBatches, load_parts
-from search.training import Diverged, EpochMetrics, evaluate, lr_factor, make_loss
+from search.features import MEMORY_SHARE, FeatureBatches, FeatureMemory, device_memory
+from search.pipeline import Augmentation, ImageBatches, PinnedStaging, load_parts
+from search.training import (Diverged, EpochMetrics, autocast_dtype, evaluate, lr_factor, make_loss, make_optimizer,
+                             make_scaler)
 from search.trial import Checkpoint, Interrupted, prepare, run_trial
 
 CPU = torch.device("cpu")
@@ -41,7 +46,7 @@ def _frozen_params(**overrides: object) -> dict:
 @pytest.fixture
 def fresh_feature_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty in-process feature cache, so a test sees only the features it computed itself."""
-    monkeypatch.setattr(search.features, "_MEMORY", {})
+    monkeypatch.setattr(search.features, "MEMORY", FeatureMemory())
 
 
 # --- losses --------------------------------------------------------------------------------------------
@@ -263,6 +268,116 @@ def test_an_unreadable_checkpoint_means_starting_over(tiny_config, tmp_path) -> 
     assert [m.epoch for m in history] == [1, 2] and all(math.isfinite(m.train_loss) for m in history)
 
 
+def test_a_checkpoint_is_read_to_the_cpu_and_a_resumed_adam_keeps_its_step_counts_there(tiny_config, tmp_path) -> None:
+    """Read with map_location=<the run's device>, a CUDA run's Adam step counts landed on the GPU, where foreach
+    Adam reads each one back to the host every step; on a box without CUDA the file could not even be read, and
+    was deleted. Read to the CPU, `load_state_dict` moves the moments to the parameters (here on the meta device,
+    standing in for a GPU) and leaves the step counts on the CPU."""
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=3, optimizer="adam")
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+    with pytest.raises(Interrupted):
+        fit("logreg", params, parts, tiny_config, CPU, checkpoint=checkpoint, on_epoch=_interrupt_at(1))
+    on_a_gpu = {"numerics": "cuda-bf16", "images": "cuda"}
+    saved = torch.load(checkpoint.path, weights_only=True)
+    checkpoint.save({key: value for key, value in saved.items() if key != "identity"}, on_a_gpu)
+    state = checkpoint.load(on_a_gpu)
+    assert state is not None and checkpoint.path.is_file()
+    model = build_model("logreg", params, num_classes=4, image_size=32).to("meta")
+    optimizer = make_optimizer(model, params)
+    optimizer.load_state_dict(state["optimizer"])
+    states = list(optimizer.state.values())
+    assert states and all(s["step"].device == CPU for s in states)
+    assert all(s[moment].device.type == "meta" for s in states for moment in ("exp_avg", "exp_avg_sq"))
+
+
+def _as_if_made_on_a_gpu(path) -> None:
+    """Give a checkpoint's random states the shape a CUDA generator's have (16 bytes), as a CUDA run leaves them."""
+    state = torch.load(path, weights_only=True)
+    state["source"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    state["source"]["sampler"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, path)
+
+
+def test_a_checkpoint_made_on_another_kind_of_device_starts_over_with_a_warning(tiny_config, tmp_path, monkeypatch,
+                                                                               caplog) -> None:
+    """Its CUDA random states cannot seed CPU generators: resumed, the trial failed; now it is trained anew."""
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=3)
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+    with monkeypatch.context() as on_a_gpu:
+        on_a_gpu.setattr(search.trial, "run_conditions", lambda device, parts: {"numerics": "cuda-bf16",
+                                                                                "images": "cuda"}, raising=False)
+        with pytest.raises(Interrupted):
+            fit("logreg", params, parts, tiny_config, CPU, checkpoint=checkpoint, on_epoch=_interrupt_at(2))
+    _as_if_made_on_a_gpu(checkpoint.path)
+    seen: list[int] = []
+    fit("logreg", params, parts, tiny_config, CPU, checkpoint=checkpoint, on_epoch=lambda m: seen.append(m.epoch))
+    assert seen == [1, 2, 3] and checkpoint.restored_epochs == 0
+    assert "cuda-bf16" in caplog.text and "cpu-fp32" in caplog.text and "starting over" in caplog.text
+
+
+def test_a_checkpoint_whose_batch_state_the_source_cannot_take_starts_over_with_a_warning(tiny_config, tmp_path,
+                                                                                          caplog) -> None:
+    """Started over means from the run's first state: the same epochs as a run that never saw the file."""
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=3)
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+    with pytest.raises(Interrupted):
+        fit("logreg", params, parts, tiny_config, CPU, seed=2, checkpoint=checkpoint, on_epoch=_interrupt_at(2))
+    _as_if_made_on_a_gpu(checkpoint.path)
+    history = fit("logreg", params, parts, tiny_config, CPU, seed=2, checkpoint=checkpoint).history
+    fresh = fit("logreg", params, parts, tiny_config, CPU, seed=2).history
+    assert checkpoint.restored_epochs == 0 and not checkpoint.path.exists()
+    assert [(m.train_loss, m.val_accuracy) for m in history] == [(m.train_loss, m.val_accuracy) for m in fresh]
+    assert "starting over" in caplog.text
+
+
+# --- numerics: mixed precision by device -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capability, dtype, name", [
+    ((9, 0), torch.bfloat16, "cuda-bf16"),  # H100
+    ((8, 0), torch.bfloat16, "cuda-bf16"),  # A100
+    ((7, 5), torch.float16, "cuda-fp16"),  # T4
+    ((7, 0), torch.float16, "cuda-fp16"),  # V100
+    ((6, 0), None, "cuda-fp32"),  # P100: no tensor cores
+])
+def test_bf16_only_where_the_gpu_runs_it_natively_else_fp16_with_a_scaler(monkeypatch, capability, dtype, name) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # else an enabled GradScaler disables itself
+    cuda = torch.device("cuda")
+    assert autocast_dtype(cuda) == dtype
+    assert search.features.numerics(cuda) == name  # the feature cache's key: fp16 features are not bf16 ones
+    assert make_scaler(cuda).is_enabled() == (dtype == torch.float16)
+    assert autocast_dtype(CPU) is None and search.features.numerics(CPU) == "cpu-fp32"
+    assert not make_scaler(CPU).is_enabled()
+
+
+def test_an_fp16_run_trains_through_a_grad_scaler_whose_state_is_checkpointed(tiny_config, tmp_path,
+                                                                              monkeypatch) -> None:
+    """fp16 autocast with loss scaling, as on a V100 or a T4, run on the CPU (it has both)."""
+    monkeypatch.setattr(search.training, "autocast_dtype", lambda device: torch.float16)
+    scalers: list = []
+    make = search.trial.make_scaler
+    monkeypatch.setattr(search.trial, "make_scaler", lambda device: scalers.append(make(device)) or scalers[-1])
+    parts = load_parts(tiny_config, 32)
+    params = _params("logreg", epochs=4, lr=3e-3)
+    dtypes: list = []
+    checkpoint = Checkpoint(tmp_path / "trial-0.pt", {"trial": 0})
+    with pytest.raises(Interrupted):
+        fit("logreg", params, parts, tiny_config, CPU, checkpoint=checkpoint, on_epoch=_interrupt_at(2),
+            on_start=lambda model, source: model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype)))
+    saved = torch.load(checkpoint.path, weights_only=True)["scaler"]
+    assert scalers[0].is_enabled() and saved == scalers[0].state_dict() and saved["scale"] > 0
+    assert set(dtypes) == {torch.float16}
+    restored: list = []
+    history = fit("logreg", params, parts, tiny_config, CPU, checkpoint=checkpoint,
+                  on_epoch=lambda m: restored.append(scalers[-1].state_dict()) if m.epoch == 2 else None).history
+    assert checkpoint.restored_epochs == 2 and restored == [saved]  # the scale goes on from where it was
+    assert all(math.isfinite(m.train_loss) for m in history) and max(m.val_accuracy for m in history) > 0.5
+
+
 # --- cached features of a frozen backbone --------------------------------------------------------------
 
 
@@ -357,7 +472,7 @@ def test_second_feature_source_reads_the_cache_instead_of_the_backbone(
     first = build()
     assert len(calls) == 3  # two training views and the validation part
     in_memory = build()
-    monkeypatch.setattr(search.features, "_MEMORY", {})  # a new process: only the disk cache is left
+    search.features.MEMORY.clear()  # a new process: only the disk cache is left
     on_disk = build()
     assert len(calls) == 3
     for again in (in_memory, on_disk):
@@ -374,6 +489,44 @@ def test_other_backbone_weights_are_not_served_from_the_cache(tiny_config, fresh
     ]
     first, second = (source.eval_features["val"] for source in sources)
     assert not torch.allclose(first, second, rtol=1e-2, atol=1e-2)
+
+
+def test_the_feature_memory_keeps_the_most_recently_used_features_within_its_bytes() -> None:
+    """It grew for the worker's life before: 18 MB per view of 3,500 images, on the GPU, never given back."""
+    memory = FeatureMemory(capacity=3 * 400)  # three views of 100 float32 numbers
+    views = {key: torch.full((100,), float(i)) for i, key in enumerate("abcd")}
+    for key in "abc":
+        memory.put(key, views[key])
+    assert memory.get("a") is views["a"]  # now the most recently used
+    memory.put("d", views["d"])
+    assert memory.get("b") is None  # the least recently used went
+    assert [memory.get(key) is views[key] for key in "acd"] == [True] * 3 and memory.nbytes == 1200
+    memory.put("e", torch.zeros(2, 100))
+    assert memory.get("a") is None and memory.get("c") is None and memory.nbytes == 1200  # d and e
+    memory.put("too large", torch.zeros(301))
+    assert memory.get("too large") is None and memory.nbytes == 1200  # not kept, and nothing went for it
+    memory.clear()
+    assert memory.nbytes == 0 and memory.get("e") is None
+
+
+def test_the_feature_memory_holds_a_share_of_the_device_s_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = FeatureMemory()
+    memory.put("a", torch.zeros(10))
+    assert memory.capacity == int(MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    sixteen_gb = types.SimpleNamespace(total_memory=16 * 10**9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: sixteen_gb)
+    assert device_memory(torch.device("cuda:0")) == 16 * 10**9
+
+
+def test_a_feature_source_larger_than_the_memory_leaves_it_within_its_bytes(tiny_config, feature_computations,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = load_parts(tiny_config, 32)
+    view_bytes, val_bytes = (len(parts[name]) * 1280 * 4 for name in ("train", "val"))
+    monkeypatch.setattr(search.features, "MEMORY", FeatureMemory(capacity=2 * view_bytes))
+    source = FeatureBatches(_frozen_mobilenet().backbone, parts, 8, 3, Augmentation(0.5, 8.0), CPU, 0,
+                            tiny_config.cache_dir)
+    assert len(source.views) == 3 and len(feature_computations) == 4  # three training views and validation
+    assert search.features.MEMORY.nbytes == view_bytes + val_bytes  # the last view and validation, put in last
 
 
 # --- augmentation --------------------------------------------------------------------------------------
@@ -397,6 +550,26 @@ def test_augmentation_is_on_in_training(tiny_config) -> None:
     order = [int(torch.nonzero(torch.all((plain.flip(-1) == image).flatten(1), dim=1))[0]) for image in x]
     assert sorted(order) == list(range(len(plain)))  # every image once, each one flipped
     assert torch.equal(y, parts["train"].labels[order])
+
+
+def test_pinned_staging_reuses_two_sets_of_buffers_and_gathers_what_indexing_gathers(tiny_config) -> None:
+    """Images kept in host memory (too many for the GPU): each training batch is gathered into one of two sets of
+    buffers made once (pinned on CUDA), not into a new pageable tensor, whose non_blocking copy would block."""
+    train = load_parts(tiny_config, 32)["train"]
+    staging = PinnedStaging([train.images, train.labels], 8, CPU)
+    buffers = [[buffer.data_ptr() for buffer in turn] for turn in staging.buffers]
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for turn in range(6):
+        index = torch.randperm(len(train), generator=generator)[:8]
+        images, labels = staging.gather(index)
+        assert torch.equal(staging.buffers[turn % 2][0], train.images[index])  # the sets take turns
+        assert torch.equal(staging.buffers[turn % 2][1], train.labels[index])
+        assert images.data_ptr() not in buffers[turn % 2]  # a batch of its own, on the device
+        batches.append((images, labels, index))
+    assert [[buffer.data_ptr() for buffer in turn] for turn in staging.buffers] == buffers
+    for images, labels, index in batches:  # none overwritten by a later gather
+        assert torch.equal(images, train.images[index]) and torch.equal(labels, train.labels[index])
 
 
 def _shapes_seen(model: nn.Module) -> dict[str, set]:
@@ -435,11 +608,10 @@ def test_features_made_by_other_code_or_numerics_are_not_reused(tiny_config, fre
     backbone = _frozen_mobilenet().backbone
     FeatureBatches(backbone, parts, 8, 1, Augmentation(), CPU, 0, tiny_config.cache_dir)
     files = set((tiny_config.cache_dir / "features").glob("*.pt"))
-    monkeypatch.setattr(search.features, "_MEMORY", {})
+    search.features.MEMORY.clear()
     monkeypatch.setattr(search.features, "FEATURES_VERSION", search.features.FEATURES_VERSION + 1)
     FeatureBatches(backbone, parts, 8, 1, Augmentation(), CPU, 0, tiny_config.cache_dir)
     assert len(set((tiny_config.cache_dir / "features").glob("*.pt")) - files) == 2  # computed anew, not read
-    assert search.features.numerics(torch.device("cuda")) != search.features.numerics(CPU)
 
 
 def test_a_feature_cache_that_cannot_be_written_does_not_fail_the_trial(tiny_config, fresh_feature_memory,
@@ -475,7 +647,7 @@ def test_corrupt_feature_cache_file_is_recomputed(
             path.write_bytes(content)
         else:
             torch.save(content, path)
-    monkeypatch.setattr(search.features, "_MEMORY", {})
+    search.features.MEMORY.clear()
     again = FeatureBatches(backbone, parts, 8, 1, Augmentation(0.0, 0.0), CPU, 0, tiny_config.cache_dir)
     assert torch.equal(first.eval_features["val"], again.eval_features["val"])
     assert torch.equal(first.views[0], again.views[0])

@@ -10,14 +10,19 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from data import DATASETS
+from data.errors import DATASETS
+from search.environment import (ARTIFACTS_ENV, CACHE_DIR_ENV, DATA_ROOT_ENV, DEFAULT_STORAGE, DEVICE_ENV, STORAGE_ENV,
+                                from_environment, path_from_environment)
 from search.errors import UserError
-from search.family import families, load_family_file, parse_families
-from search.pipeline import STORED_DATA_FIELDS, DataConfig, default_cache_dir
+from search.sampling import PRUNERS, SAMPLERS
 from search.space import parse_value
-from search.storage import DEFAULT_STORAGE
+from search.trackers import TRACKERS, describe as describe_trackers, parse_spec as parse_tracker
+
+if TYPE_CHECKING:
+    from search.pipeline import DataConfig
+    from search.services.searching import SearchOutcome, SearchRequest, WorkerRequest
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
@@ -48,7 +53,16 @@ def parse_assignments(items: Sequence[str] | None, flag: str = "--param") -> dic
 
 
 def model_help() -> str:
-    return ", ".join(families())
+    """The model names, found without importing any family (which would import torch): the modules of
+    search/families/ (each defines the family of its own name) and the entry points of installed packages."""
+    import importlib.metadata
+    import pkgutil
+
+    import search.families
+
+    built_in = [i.name for i in pkgutil.iter_modules(search.families.__path__) if not i.name.startswith("_")]
+    installed = [e.name for e in importlib.metadata.entry_points(group=search.families.ENTRY_POINT_GROUP)]
+    return ", ".join(sorted(built_in) + sorted(installed))
 
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -60,31 +74,49 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None, wha
 
 def models(args: argparse.Namespace) -> list[str]:
     """The --model list, after registering the families of any --family-file."""
+    from search.family import load_family_file, parse_families
+
     for path in args.family_file or []:
         load_family_file(path)
     return parse_families(args.model)
+
+
+def add_data_root_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--data-root", type=Path, default=path_from_environment(DATA_ROOT_ENV),
+                        help="the dataset folder (default: under ~/.cache/stl10-search); for `best`, `worker` and "
+                             f"`report`, this host's copy when it is not where the study stored it (or set {DATA_ROOT_ENV})")
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=path_from_environment(CACHE_DIR_ENV),
+                        help="this host's cache of decoded images and backbone features (default "
+                             f"~/.cache/stl10-search; or set {CACHE_DIR_ENV})")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Data options; None means "not given", so a worker can tell a host override from a default."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=DATASETS, help="stl10 (default; downloaded once) or imagefolder")
-    group.add_argument("--data-root", type=Path, help="dataset folder (default: under ~/.cache/stl10-search)")
+    add_data_root_argument(group)
     group.add_argument("--val-fraction", type=float, help="share of train held out for validation (default 0.3 = 3,500/1,500)")
     group.add_argument("--split-seed", type=int, help="seed of the stratified train/validation split (default 0)")
     group.add_argument("--image-size", type=int, help="input side in pixels (default: the model's; MobileNetV2 searches it)")
-    group.add_argument("--cache-dir", type=Path, help="decoded images and backbone features (default ~/.cache/stl10-search)")
-    group.add_argument("--weights", help="MobileNetV2 weights: imagenet (default, torchvision download), "
-                                         "a state-dict PATH, or none")
+    add_cache_dir_argument(group)
+    group.add_argument("--weights", help="pretrained weights for the models that take them: imagenet (default, "
+                                         "downloaded once), a state-dict PATH, or none")
 
 
 def data_given(args: argparse.Namespace) -> bool:
     """Whether the command line names any stored data setting (a host's cache folder is not one)."""
+    from search.pipeline import STORED_DATA_FIELDS
+
     return any(getattr(args, name, None) is not None for name in STORED_DATA_FIELDS)
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
     """The DataConfig the command line asks for, defaults filled in."""
+    from search.pipeline import DataConfig, default_cache_dir
+
     defaults = DataConfig()
     val_fraction = defaults.val_fraction if args.val_fraction is None else args.val_fraction
     if not 0 < val_fraction < 1:
@@ -138,50 +170,95 @@ def study_prefix(text: str) -> str:
 def add_storage_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=None,
                         help=f"{DEFAULT_STORAGE} (default), postgresql://user:pw@host/db or journal:PATH "
-                             "(or set STL10_SEARCH_STORAGE)")
+                             f"(or set {STORAGE_ENV})")
     parser.add_argument("--study-prefix", default="", type=study_prefix,
                         help="prefix of the study names (default: none, a study per model)")
 
 
+def open_existing(args: argparse.Namespace) -> tuple[Any, str]:
+    """The storage, refusing to create an empty SQLite file where the user expected their studies.
+
+    A file this process may not write (a shared result, a read-only mount) is opened read-only: report,
+    dashboard and best printing stored results work, and what would write says so in one line.
+    """
+    from search.errors import StorageReadOnly
+    from search.storage import open_storage, storage_file
+
+    url = storage_url(args)
+    path = storage_file(url)
+    if path is not None and not path.is_file():
+        raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
+                        "or pass --storage with the URL the search used")
+    try:
+        return open_storage(url), url
+    except StorageReadOnly:
+        return open_storage(url, read_only=True), url
+
+
 def storage_url(args: argparse.Namespace) -> str:
-    return args.storage or os.environ.get("STL10_SEARCH_STORAGE") or DEFAULT_STORAGE
+    return args.storage or from_environment(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    budgets = ", ".join(f"{name} {family.n_trials}" for name, family in families().items())
     parser.add_argument("--n-trials", type=int,
-                        help=f"finished trials per study, shared by all workers (default for a new study: {budgets})")
+                        help="finished trials per study, shared by all workers (default for a new study: the model's "
+                             "own budget, see `stl10-search space`)")
     parser.add_argument("--param", action="append", metavar="KEY=VALUE",
                         help="fix (lr=0.001), narrow (lr=1e-4..1e-2) or restrict (optimizer=adam,sgd) a parameter; "
                              "prefix with a model to target one (cnn.n_conv=3); repeatable; see `stl10-search space`")
     parser.add_argument("--space", type=Path, help="TOML file: one [model] table of fixed values, {low, high} ranges or lists")
     parser.add_argument("--enqueue-reference", action="store_true", help="run the study's hand-found settings first")
-    parser.add_argument("--sampler", default=None, help="tpe (default), random or gp")
-    parser.add_argument("--pruner", default=None, help="hyperband (default), halving, median or none")
-    parser.add_argument("--seed", type=int, default=None, help="study seed (default 0)")
+    parser.add_argument("--sampler", default=None, choices=SAMPLERS.names(), help=SAMPLERS.describe())
+    parser.add_argument("--pruner", default=None, choices=PRUNERS.names(), help=PRUNERS.describe())
+    parser.add_argument("--study-seed", type=int, default=None,
+                        help="seed of the study's sampler; trial i gets seed study-seed + i (default 0)")
     parser.add_argument("--checkpoint-dir", type=Path, help="save each trial's last epoch; a re-run trial resumes there")
     parser.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between trial heartbeats (default 30)")
     parser.add_argument("--grace-period", type=int, default=None, help="seconds without heartbeat before a trial "
                                                                         "counts as dead (default 120)")
     add_storage_argument(parser)
+    add_track_argument(parser)
     add_data_arguments(parser)
 
 
+def add_track_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--track, repeatable; a tracker whose package is missing is a UserError when the command line is read."""
+    parser.add_argument("--track", action="append", type=parse_tracker, required=required,
+                        metavar="{" + ",".join(TRACKERS.names()) + "}[:TARGET]",
+                        help=f"send trials and tested results to an experiment tracker (repeatable): "
+                             f"{describe_trackers()}")
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=from_environment(DEVICE_ENV) or "auto",
+                        help=f"auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N (or set {DEVICE_ENV})")
 
 
 def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", type=Path,
-                        help="weights folder (default: $STL10_SEARCH_ARTIFACTS, else artifacts/ beside a SQLite or "
+                        help=f"weights folder (default: ${ARTIFACTS_ENV}, else artifacts/ beside a SQLite or "
                              "journal file, else ~/.local/share/stl10-search/artifacts/HOST-PORT-DB for a server)")
 
 
+def add_full_train_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--full-train", action="store_true", help="retrain the best trials on train+validation, "
+                                                                  "not train alone")
+
+
+def add_out_argument(parser: argparse.ArgumentParser, default: Path | None = Path("report"),
+                     what: str = "report folder (default ./report)") -> None:
+    parser.add_argument("--out", type=Path, default=default, help=what)
+
+
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: every GPU found; none: CPU)")
+    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3, counted within CUDA_VISIBLE_DEVICES when "
+                                       "it is set (default: every GPU found; none: CPU)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="worker processes per GPU (small models: 2-4)")
     parser.add_argument("--workers", type=int, help="CPU worker processes when no GPU is used (default 1); "
                                                     "0 creates the studies only")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="start every worker asked for, even more than the cores, memory or GPU memory hold "
+                             "(default: warn and start as many as fit)")
     parser.add_argument("--log-dir", default="logs", help="where worker logs go (default ./logs)")
     parser.add_argument("--time-budget", type=duration, metavar="DURATION",
                         help="wall time for the whole search, e.g. 30m or 2h, shared by all workers and split over "
@@ -201,3 +278,56 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def search_request(args: argparse.Namespace) -> SearchRequest:
+    """The search the command line asks for (`search`, `run`, and `worker` for the studies it works)."""
+    from search.services.searching import SearchRequest, space_overrides
+
+    names = models(args)
+    assignments = parse_assignments(args.param)
+    return SearchRequest(
+        models=names,
+        storage=storage_url(args),
+        study_prefix=args.study_prefix,
+        n_trials=args.n_trials,
+        time_budget=getattr(args, "time_budget", None),
+        default_time_budget=args.command == "run" and args.n_trials is None,
+        space=space_overrides(names, args.space, assignments) if (args.space or args.param) else None,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        study_seed=args.study_seed,
+        data=data_config(args) if data_given(args) else None,
+        cache_dir=args.cache_dir,
+        family_files=list(args.family_file or []),
+        enqueue_reference=args.enqueue_reference,
+        warm_start=getattr(args, "warm_start", None),
+        warm_start_k=getattr(args, "warm_start_k", 5),
+        checkpoint_dir=args.checkpoint_dir,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+        gpus=getattr(args, "gpus", None),
+        workers_per_gpu=getattr(args, "workers_per_gpu", 1),
+        workers=getattr(args, "workers", None),
+        oversubscribe=getattr(args, "oversubscribe", False),
+        log_dir=Path(getattr(args, "log_dir", "logs")),
+        track=list(getattr(args, "track", None) or []),
+    )
+
+
+def worker_request(args: argparse.Namespace) -> WorkerRequest:
+    from search.services.searching import WorkerRequest
+
+    return WorkerRequest(search=search_request(args), device=args.device, threads=args.threads,
+                         host_data=host_data_overrides(args), changes=bool(args.n_trials or args.param or args.space))
+
+
+def print_search(outcome: SearchOutcome) -> int:
+    """The search's summary on stdout and its problems on stderr; returns its exit code."""
+    import sys
+
+    if outcome.summary:
+        print(outcome.summary)
+    for problem in outcome.problems:
+        print(f"stl10-search: {problem}", file=sys.stderr)
+    return outcome.exit_code

@@ -4,242 +4,34 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
-import optuna
-import torch
-
-from models import load_mobilenet_v2
-from search.commands.options import (data_config, data_given, host_data_overrides, models, parse_assignments,
-                                     storage_url)
-from search.errors import UserError
-from search.family import Family, get_family
-from search.launcher import check_worker_count, plan_workers, start_workers, summary_table, supervise, watch_launcher
-from search.pipeline import data_identity, load_parts, resolve_device
-from search.space import load_space_file
-from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
-from search.studies import (DATA_ATTR, ENDED_ATTR, PRUNERS, SAMPLERS, StudySettings, create_or_update, data_fields,
-                            existing_study_names, load_settings, set_deadlines, study_name)
-from search.warmstart import warm_start
-from search.worker import work
-
-
-def space_overrides(args: argparse.Namespace, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Per family: the space file's table, then --param values ("lr=..." for all, "cnn.lr=..." for one)."""
-    from_file = load_space_file(args.space) if args.space else {}
-    per_family: dict[str, dict[str, Any]] = {f: dict(from_file.get(f, {})) for f in names}
-    for key, value in parse_assignments(args.param).items():
-        target, _, name = key.rpartition(".")
-        if target and target not in names:
-            raise UserError(f"--param {key}: {target} is not among the models searched ({', '.join(names)})")
-        chosen = [target] if target else [f for f in names if name in {d.name for d in get_family(f).space}]
-        if not chosen:
-            raise UserError(f"--param {key}: no model among {', '.join(names)} has a parameter {name!r}")
-        for family in chosen:
-            per_family[family][name] = value
-    for family, overrides in per_family.items():
-        get_family(family).dims(overrides)  # a bad name, type or empty range fails here, before any storage
-    return per_family
-
-
-def check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:
-    if value is not None and value not in choices:
-        raise UserError(f"{flag} {value!r} is unknown; choose from {', '.join(choices)}")
-
-
-def validate_common(args: argparse.Namespace) -> None:
-    if args.n_trials is not None and args.n_trials < 1:
-        raise UserError(f"--n-trials must be at least 1, got {args.n_trials}")
-    check_choice(args.sampler, SAMPLERS, "--sampler")
-    check_choice(args.pruner, PRUNERS, "--pruner")
-    for flag, value in (("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1 second, got {value}")
-
-
-def open_from_args(args: argparse.Namespace) -> tuple[optuna.storages.BaseStorage, str]:
-    url = storage_url(args)
-    storage = open_storage(url, heartbeat_interval=args.heartbeat_interval or HEARTBEAT_INTERVAL_S,
-                           grace_period=args.grace_period or GRACE_PERIOD_S)
-    return storage, url
-
-
-def family_file(family: Family) -> str | None:
-    """The file a family came from, for workers to load it too; None for built-in and installed families."""
-    return family.origin if Path(family.origin).is_file() else None
-
-
-def prepare_data(settings: StudySettings, cache_dir: Path | None, expect: dict[str, Any] | None) -> dict[str, Any]:
-    """Download and decode the data once, and fetch pretrained weights, before any worker starts.
-
-    Returns the data's identity; a continued study's data must still match the one it stored (`expect`).
-    """
-    config = settings.data_config(cache_dir=cache_dir)
-    family = settings.model_family()
-    sizes = {d.name: d for d in settings.dims()}.get("image_size")
-    for size in (sizes.choices or (sizes.low,)) if sizes else (family.size_for({}, config.image_size),):
-        parts = load_parts(config, int(size), expect=expect)
-    if family.pretrained:
-        load_mobilenet_v2(config.weights)
-    return expect or data_identity(parts["train"], parts["val"])
-
-
-def ensure_studies(args: argparse.Namespace, names: list[str], spaces: dict[str, dict[str, Any]]
-                   ) -> tuple[optuna.storages.BaseStorage, str, list[optuna.Study]]:
-    """Create each family's study, or continue it with what the command line changes.
-
-    The data and weights are fetched before anything is written: a storage file that does not exist yet is
-    created only once they are known to be there.
-    """
-    url = storage_url(args)
-    path = storage_file(url)
-    storage = None if path is not None and not path.exists() else open_from_args(args)[0]
-    existing = set(existing_study_names(storage)) if storage is not None else set()
-    requested = data_fields(data_config(args)) if data_given(args) else None
-    plans = []  # (study name, settings, the data identity a continued study stored)
-    for name in names:
-        family = get_family(name)
-        full_name = study_name(name, args.study_prefix)
-        known = None
-        if full_name in existing:
-            old_study = optuna.load_study(study_name=full_name, storage=storage)
-            known = old_study.user_attrs.get(DATA_ATTR)
-            old = load_settings(old_study)
-            settings = StudySettings(
-                family=name,
-                n_trials=args.n_trials or old.n_trials,
-                sampler=args.sampler or old.sampler,
-                pruner=args.pruner or old.pruner,
-                seed=old.seed if args.seed is None else args.seed,
-                space=spaces[name] if (args.space or args.param) else old.space,
-                data=requested or old.data,
-                family_file=family_file(family) or old.family_file,
-            )
-        else:
-            settings = StudySettings(
-                family=name,
-                n_trials=args.n_trials or (None if getattr(args, "time_budget", None) else family.n_trials),
-                sampler=args.sampler or "tpe",
-                pruner=args.pruner or "hyperband",
-                seed=0 if args.seed is None else args.seed,
-                space=spaces[name],
-                data=requested or data_fields(data_config(args)),
-                family_file=family_file(family),
-            )
-        plans.append((full_name, settings, known))
-    identities = [prepare_data(settings, args.cache_dir, known) for _, settings, known in plans]
-    storage = storage or open_from_args(args)[0]
-    studies = [create_or_update(storage, n, settings, args.enqueue_reference) for n, settings, _ in plans]
-    for study, identity in zip(studies, identities):
-        study.set_user_attr(DATA_ATTR, identity)
-    if getattr(args, "warm_start", None):
-        for study, (_, settings, _) in zip(studies, plans):
-            warm_start(study, settings.dims(), settings.family, args.warm_start, args.warm_start_k, _log)
-    return storage, url, studies
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def time_budget(args: argparse.Namespace, names: list[str], device_type: str) -> tuple[float | None, list[float]]:
-    """(seconds for the whole search or None, each model's share weight): --time-budget, else for `run` without
-    any budget flag the families' own budgets on this device type."""
-    weights = [get_family(name).time_budget.get(device_type, 600.0) for name in names]
-    if args.time_budget is not None:
-        return args.time_budget, weights
-    if args.command == "run" and args.n_trials is None:
-        return sum(weights), weights
-    return None, weights
-
-
-def start_clock(args: argparse.Namespace, names: list[str], studies: list[optuna.Study], device_type: str) -> None:
-    """Store each study's deadline (or none) from now, and forget why its last search ended."""
-    seconds, weights = time_budget(args, names, device_type)
-    set_deadlines(studies, seconds, weights, time.time())
-    for study in studies:
-        study.set_user_attr(ENDED_ATTR, None)
-    if seconds is None:
-        return
-    total = sum(weights)
-    shares = ", ".join(f"{name} {seconds * w / total / 60:.1f} min" for name, w in zip(names, weights))
-    why = "--time-budget" if args.time_budget is not None else (
-        f"no --n-trials or --time-budget: each model's default time on the {device_type.upper()}")
-    _log(f"time budget {seconds / 60:.1f} min in all ({why}): {shares}; a model that finishes early leaves its "
-         "time to the next")
-
-
-def worker_arguments(args: argparse.Namespace) -> list[str]:
-    """What every launched worker needs besides the storage URL (passed in its environment)."""
-    extra = ["--study-prefix", args.study_prefix]
-    for path in args.family_file or []:
-        extra += ["--family-file", str(Path(path).resolve())]
-    for flag, value in (("--cache-dir", args.cache_dir), ("--checkpoint-dir", args.checkpoint_dir),
-                        ("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period)):
-        if value is not None:
-            extra += [flag, str(value)]
-    return extra
+from search.commands.options import print_search, search_request, worker_request
+from search.launcher import watch_launcher
+from search.services.searching import run_worker as serve, search
 
 
 def run_search(args: argparse.Namespace) -> int:
-    names = models(args)
-    validate_common(args)
-    spaces = space_overrides(args, names)
-    slots = plan_workers(args.gpus, args.workers_per_gpu, args.workers)
-    check_worker_count(storage_url(args), len(slots))
-    storage, url, studies = ensure_studies(args, names, spaces)
-    print(f"storage {redact(url)}: studies {', '.join(s.study_name for s in studies)}", file=sys.stderr)
-    on_gpu = any(s.visible_gpu for s in slots) if slots else torch.cuda.is_available()
-    start_clock(args, names, studies, "cuda" if on_gpu else "cpu")
-    if not slots:
-        print(f"studies created; start workers with: stl10-search worker --model {','.join(names)} --storage URL",
-              file=sys.stderr)
-        return 0
-    devices = ", ".join(sorted({f"GPU {s.visible_gpu}" if s.visible_gpu else "CPU" for s in slots}))
-    log_dir = Path(args.log_dir)
-    print(f"starting {len(slots)} worker(s) on {devices}; logs in {log_dir}/", file=sys.stderr)
-    processes = start_workers(slots, names, url, worker_arguments(args), log_dir)
-    interrupts = supervise(processes, studies, storage)
-    print(summary_table(studies, storage))
-    failed = [i for i, p in enumerate(processes) if p.returncode not in (0, None)]
-    if failed and not interrupts:
-        print(f"worker(s) {', '.join(map(str, failed))} exited with an error; see {log_dir}/worker-N.log",
-              file=sys.stderr)
-        return 1
-    return 130 if interrupts else 0
+    return print_search(search(search_request(args)))
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    names = models(args)
-    validate_common(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    storage, url = open_from_args(args)
-    study_names = [study_name(f, args.study_prefix) for f in names]
-    missing = [n for n in study_names if n not in existing_study_names(storage)]
-    if missing and not (args.n_trials and data_given(args)):
-        raise UserError(f"no study {', '.join(missing)} in {redact(url)}; create it once with `stl10-search search "
-                        "--workers 0 ...`, or give this worker --n-trials and the data options to create it")
-    if missing or args.n_trials or args.param or args.space:
-        ensure_studies(args, names, space_overrides(args, names))
+    request = worker_request(args)
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:
-        print(f"worker: {signal.Signals(signum).name} received; stopping after the current epoch", flush=True)
+        stamped(f"worker: {signal.Signals(signum).name} received; stopping after the current epoch")
         stop.set()
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_signal)
     watch_launcher(stop)  # a launcher killed outright stops its workers too, their trials queued again
-    with exclusive_worker(storage, study_names):  # a journal takes one worker at a time
-        done = work(storage, study_names, device, stop, data_overrides=host_data_overrides(args),
-                    checkpoint_dir=args.checkpoint_dir)
-    print("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()), flush=True)
+    done = serve(request, stop, stamped)
+    stamped("worker finished: " + ", ".join(f"{name} {count} trial(s)" for name, count in done.items()))
     return 0
+
+
+def stamped(message: str) -> None:
+    """A worker's log line, with the time: its log file gathers the runs of every search that used it."""
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", flush=True)

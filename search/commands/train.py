@@ -66,7 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
         bar.reset()
 
     try:
-        fit = run_trial(family, params, parts, config, device, args.seed, on_start=on_start, on_epoch=on_epoch,
+        fit = run_trial(family, params, parts, config, device, args.trial_seed, on_start=on_start, on_epoch=on_epoch,
                         on_batch=bar.update)
     except Diverged as diverged:
         print(f"stl10-search: {diverged}; try a lower lr (now {params['lr']:g})", file=sys.stderr)

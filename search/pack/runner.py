@@ -32,7 +32,7 @@ from models.stacked import StackedNet
 from search.family import Family
 from search.pack.optim import KINDS, StackedOptimizer
 from search.pipeline import DataConfig
-from search.training import BatchSource, Diverged, EpochMetrics, Evaluation, autocast, lr_factor
+from search.training import BatchSource, Diverged, EpochMetrics, Evaluation, autocast, autocast_dtype, lr_factor
 from search.trial import batch_source, build_model, uses_feature_cache
 
 
@@ -196,9 +196,13 @@ def run_pack(
     """Train `members` as one pack on parts["train"], validating each on parts["val"] after every epoch.
 
     Returns one result per member, in the order given. Raises ValueError when the members do not share the
-    family's shared parameters, and `models.stacked.NotStackable` when the family's network cannot be stacked.
+    family's shared parameters or the device computes in fp16, and `models.stacked.NotStackable` when the
+    family's network cannot be stacked.
     """
     check_pack(family, members)
+    if autocast_dtype(device) == torch.float16:
+        raise ValueError(f"{device} computes in fp16, whose loss scaling would skip every member's step when one "
+                         "member overflows; trial packs run in bf16 or fp32")
     results = [MemberResult(member) for member in members]
     pack, source = build_pack(family, members, parts, config, device, data_seed)
     epochs = int(members[0].params["epochs"])

@@ -20,6 +20,7 @@ from models.stacked import NotStackable, StackedNet
 from models.summary import count_trainable
 from search.family import Family
 from search.pipeline import DataConfig
+from search.training import autocast_dtype
 from search.trial import has_convolutions, uses_feature_cache
 
 CUDA_MAX_PACK = 16
@@ -39,6 +40,8 @@ def pack_size(family: Family, device: torch.device, params: dict[str, Any] | Non
     if not stackable(model.head if uses_feature_cache(model) else model):
         return 1
     if device.type == "cuda":
+        if autocast_dtype(device) == torch.float16:
+            return 1  # see run_pack: no per-member loss scaling
         if parts is None or config is None:
             raise ValueError("on a GPU the pack size is measured: give params, parts and config")
         first, each = member_bytes(family, params, parts, config, device)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import optuna
 
-from data import DataError, load_images
+from data import DataError, load_images, printable
 from search.errors import UserError
 from search.studies import state_name, trial_params
 from search.report.collect import StudyReport, collect, trial_reason, trial_seconds
@@ -104,10 +104,10 @@ def report_json(reports: list[StudyReport], header: list[str]) -> dict[str, Any]
 
 
 def _write_csv(path: Path, headers: list[str], rows: list[list[Any]]) -> None:
-    with path.open("w", newline="") as file:
+    with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(headers)
-        writer.writerows(rows)
+        writer.writerows([[printable(cell) if isinstance(cell, str) else cell for cell in row] for row in rows])
 
 
 def trials_csv(path: Path, reports: list[StudyReport]) -> None:
@@ -123,7 +123,11 @@ def trials_csv(path: Path, reports: list[StudyReport]) -> None:
 def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[str] | tuple[str, ...] = FORMATS,
                  *, prefix: str = "", storage_name: str = "", cache_dir: Path | None = None,
                  log: Callable[[str], None] = print) -> list[Path]:
-    """Write the report files into `out`; returns their paths. A UserError when the storage has no study."""
+    """Write the report files into `out`; returns their paths. A UserError when the storage has no study.
+
+    Names that are not UTF-8 (a class folder, the data folder) are shown by `data.printable` in the Markdown,
+    HTML and CSV files; the JSON files keep them exactly, as JSON escapes.
+    """
     reports = collect(storage, prefix)
     out.mkdir(parents=True, exist_ok=True)
     header = [f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}" + (f" from {storage_name}" if storage_name else ""),
@@ -139,10 +143,11 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
             written.append(out / "images" / name)
         links = {PICTURES[name]: f"images/{name}" for name in pictures}
         written.append(out / "report.md")
-        written[-1].write_text(render_markdown(reports, header, links))
+        written[-1].write_text(printable(render_markdown(reports, header, links)), encoding="utf-8")
     if "html" in formats:
         written.append(out / "report.html")
-        written[-1].write_text(render_html(reports, header, {PICTURES[n]: png for n, png in pictures.items()}))
+        page = render_html(reports, header, {PICTURES[n]: png for n, png in pictures.items()})
+        written[-1].write_text(printable(page), encoding="utf-8")
     if "json" in formats:
         written.append(out / "report.json")
         written[-1].write_text(json.dumps(report_json(reports, header), indent=2))

@@ -12,6 +12,7 @@ import optuna
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from data import printable
 from search.report.collect import StudyReport
 from search.studies import OBJECTIVE_NAME
 
@@ -33,7 +34,7 @@ def learning_curves(history: list[dict[str, float]], title: str) -> go.Figure:
 
 def confusion_figure(result: dict[str, Any], title: str) -> go.Figure:
     """Test confusion matrix of the retrained model: rows true class, columns predicted."""
-    classes = result["classes"]
+    classes = [printable(name) for name in result["classes"]]
     figure = go.Figure(go.Heatmap(z=result["confusion_matrix"], x=classes, y=classes, colorscale="Blues",
                                   texttemplate="%{z}", hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
     figure.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",

@@ -1,6 +1,12 @@
-"""report.md: the tables, with the data pictures linked as PNG files beside it."""
+"""report.md: the tables, with the data pictures linked as PNG files beside it.
+
+Text that comes from the user's world (class and folder names, family titles, failure reasons) is escaped as
+in report.html: Markdown passes HTML through, so a class named <img src=x onerror=...> would run in a viewer.
+"""
 
 from __future__ import annotations
+
+import html
 
 from search.report.collect import StudyReport
 from search.report.tables import (Table, best_params_table, curves_table, importance_table, per_class_table,
@@ -8,8 +14,13 @@ from search.report.tables import (Table, best_params_table, curves_table, import
 from search.report.tradeoff import smallest_line, tradeoff_table
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _text(text: object) -> str:
+    """Text shown as it is: '<', '>' and '&' as HTML entities, which every Markdown renderer shows as the characters."""
+    return html.escape(str(text), quote=False)
+
+
+def _cell(text: object) -> str:
+    return _text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(table: Table) -> str:
@@ -21,21 +32,21 @@ def markdown_table(table: Table) -> str:
 
 def render_markdown(reports: list[StudyReport], header: list[str], pictures: dict[str, str]) -> str:
     """`pictures`: caption -> PNG path relative to report.md."""
-    parts = ["# STL-10 hyperparameter search report", "", *header, "",
+    parts = ["# STL-10 hyperparameter search report", "", *map(_text, header), "",
              "Interactive plots (optimization history, importances, parallel coordinates) are in report.html.", "",
              "## Accuracy, size and latency across models", "",
              "Each model's best: test accuracy when retrained and tested, else validation accuracy. report.html "
              "plots every finished trial's validation accuracy against its trainable parameters (pruned ones hollow), "
              "the Pareto front, and the tested bests against their latency.", "",
-             markdown_table(tradeoff_table(reports)), "", smallest_line(reports), "",
+             markdown_table(tradeoff_table(reports)), "", _text(smallest_line(reports)), "",
              "## Summary", "", markdown_table(summary_table(reports)), ""]
     if pictures:
         parts += ["## Data", ""]
         for caption, path in pictures.items():
             parts += [f"{caption}:", "", f"![{caption}]({path})", ""]
     for r in reports:
-        parts += [f"## {r.title} (study `{r.name}`)", ""]
-        parts += [f"- {note}" for note in r.notes] + ([""] if r.notes else [])
+        parts += [f"## {_text(r.title)} (study `{r.name}`)", ""]
+        parts += [f"- {_text(note)}" for note in r.notes] + ([""] if r.notes else [])
         if r.best is not None:
             parts += [f"### Best parameters (trial #{r.best.number}, validation {r.best.value:.2%})", "",
                       markdown_table(best_params_table(r)), ""]
@@ -48,6 +59,6 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
         if r.result:
             parts += [f"### Test result (trial #{r.result['trial']} retrained"
                       f"{' on train+validation' if r.result['full_train'] else ''})", "",
-                      test_result_text(r.result), "", markdown_table(per_class_table(r)), ""]
+                      _text(test_result_text(r.result)), "", markdown_table(per_class_table(r)), ""]
         parts += ["### Trials", "", markdown_table(trials_table(r)), ""]
     return "\n".join(parts)

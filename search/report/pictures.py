@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data import ImageSet, augmentation_examples
+from data import ImageSet, augmentation_examples, printable
 
 PICTURE_SIZE = 96
 _GAP = 4
@@ -30,10 +30,11 @@ def data_grid(images: ImageSet, per_class: int = 4, seed: int = 0) -> Image.Imag
     generator = torch.Generator().manual_seed(seed)
     font = _font()
     side = images.images.shape[-1]
-    label_width = 12 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(c, font=font)) for c in images.classes)
+    names = [printable(name) for name in images.classes]
+    label_width = 12 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(c, font=font)) for c in names)
     grid = Image.new("RGB", (label_width + per_class * (side + _GAP), len(images.classes) * (side + _GAP)), _BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    for row, name in enumerate(images.classes):
+    for row, name in enumerate(names):
         top = row * (side + _GAP)
         draw.text((4, top + side // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
         members = torch.nonzero(images.labels.cpu() == row).flatten()

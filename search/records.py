@@ -1,0 +1,137 @@
+"""What a trial and a tested best store, each with one owner: a dataclass, its `save` and its `load`.
+
+A worker writes a `TrialRecord` on its trial (when it starts, and when it ends); `best` writes a `BestResult` on
+the study. Every reader (best, report, dashboard, warm starts, export, the progress display) goes through
+`load`, so a field is named in this module only and a renamed one cannot break a reader silently.
+
+Versions: records written by this release are version 2, one JSON user attribute per trial ("record").
+Version 1 (releases up to 0.1.0) stored each field as its own user attribute; `load` reads both, so a study
+written by an earlier release still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+from search.training import EpochMetrics
+
+RECORD_VERSION = 2
+_TRIAL_ATTR = "record"
+_BEST_ATTR = "best_result"
+# version 1: each TrialRecord field was a user attribute of its own, under the field's name
+_V1_FIELDS = ("seed", "first_number", "params", "worker", "device", "threads", "trainable_parameters", "history",
+              "best_epoch", "reason", "seconds", "resumed_after_epoch", "reference", "retry_of", "warm_start")
+
+
+@dataclass
+class TrialRecord:
+    """What one trial ran with and what became of it.
+
+    Set when the trial is queued (a re-run's seed and number, the hand-found setting, a warm start's source),
+    when it starts (params, seed, where it runs) and when it ends (curves, best epoch, reason, seconds).
+    """
+
+    seed: int | None = None
+    first_number: int | None = None  # the trial number a re-run continues (its checkpoint's name)
+    params: dict[str, Any] | None = None  # every parameter that shaped the run, sampled and resolved
+    worker: str | None = None  # host:pid
+    device: str | None = None
+    threads: int | None = None
+    trainable_parameters: int | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+    best_epoch: int | None = None
+    reason: str | None = None
+    seconds: float | None = None
+    resumed_after_epoch: int | None = None
+    reference: bool = False  # the family's hand-found setting (--enqueue-reference)
+    retry_of: int | None = None  # the interrupted trial this one runs again
+    warm_start: str | None = None  # "URL#STUDY trial #N" it was copied from
+    provenance: dict[str, Any] | None = None  # what ran it: versions, commit, device, command
+
+    @classmethod
+    def load(cls, trial: FrozenTrial | Any) -> TrialRecord:
+        """The record of a trial (an Optuna FrozenTrial or Trial), from either storage version."""
+        attrs = trial.user_attrs
+        stored = attrs.get(_TRIAL_ATTR)
+        values = dict(stored) if isinstance(stored, dict) else {k: attrs[k] for k in _V1_FIELDS if k in attrs}
+        values.pop("version", None)
+        known = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in values.items() if k in known})
+        record.history = [m if isinstance(m, EpochMetrics) else EpochMetrics(**m) for m in record.history or []]
+        return record
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as plain JSON values, as stored and as the report's JSON writes it."""
+        values = dataclasses.asdict(self)
+        return {"version": RECORD_VERSION, **values}
+
+    def save(self, trial: Any) -> None:
+        """Store the whole record on a running trial: one storage write."""
+        trial.set_user_attr(_TRIAL_ATTR, self.to_json())
+
+    def queue_attrs(self) -> dict[str, Any]:
+        """The user attributes to queue a trial with (`study.enqueue_trial(..., user_attrs=...)`)."""
+        return {_TRIAL_ATTR: self.to_json()}
+
+    def params_of(self, trial: FrozenTrial) -> dict[str, Any]:
+        """Every parameter that shaped the run; a trial that never started has only its sampled ones."""
+        return dict(self.params or trial.params)
+
+    @property
+    def best(self) -> EpochMetrics | None:
+        """The epoch with the best validation accuracy (the earliest on a tie)."""
+        return max(self.history, key=lambda m: (m.val_accuracy, -m.epoch)) if self.history else None
+
+    @property
+    def clock_stopped(self) -> bool:
+        """Stopped by the time budget: it ran fewer epochs than its budget and was not pruned or failed."""
+        return bool(self.history and self.params and len(self.history) < int(self.params["epochs"])
+                    and self.reason and self.reason.startswith("time budget"))
+
+
+@dataclass
+class BestResult:
+    """A study's best trial retrained and scored once on the test split, stored on the study by `best`."""
+
+    trial: int
+    val_accuracy: float | None
+    retrained_val_accuracy: float | None  # equals val_accuracy on the CPU unless full_train
+    test_loss: float
+    test_accuracy: float
+    test_images: int
+    per_class_accuracy: list[float | None]
+    confusion_matrix: list[list[int]]  # rows true classes, columns predicted
+    classes: list[str]
+    trainable_parameters: int
+    params: dict[str, Any]
+    epochs: int  # the best epoch it was retrained to
+    seed: int
+    seconds: float
+    full_train: bool
+    device: str
+    latency_ms: dict[str, float] = field(default_factory=dict)  # per image, median, by "batch_1", "batch_256"
+    latency_iqr_ms: dict[str, float] = field(default_factory=dict)
+    latency_threads: int | None = None
+    artifact_id: str | None = None  # the weights, an Optuna artifact of the study
+    artifact_file: str | None = None
+    provenance: dict[str, Any] | None = None
+    bundle: str | None = None  # where `export` last wrote its bundle
+
+    @classmethod
+    def load(cls, study: Any) -> BestResult | None:
+        """The stored result of a study, None when `best` has not run; a result of version 1 loads too."""
+        stored = study.user_attrs.get(_BEST_ATTR)
+        if not isinstance(stored, dict):
+            return None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": RECORD_VERSION, **dataclasses.asdict(self)}
+
+    def save(self, study: Any) -> None:
+        study.set_user_attr(_BEST_ATTR, self.to_json())
