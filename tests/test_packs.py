@@ -494,3 +494,17 @@ def test_pack_on_a_gpu(tiny_config) -> None:
     first, each = member_bytes(get_family("mlp"), members[0].params, parts, tiny_config, cuda)
     assert first > 0 and each > 0
     assert 1 <= pack_size(get_family("mlp"), cuda, members[0].params, parts, tiny_config) <= CUDA_MAX_PACK
+
+
+def test_packs_refuse_fp16_whose_loss_scaling_is_shared(tiny_config, monkeypatch) -> None:
+    """fp16 (Volta, Turing) needs loss scaling, and one scale for all members would skip every member's step
+    whenever one overflows: a pack refuses it, and the automatic size there is 1."""
+    import search.pack.runner
+    import search.pack.size
+
+    monkeypatch.setattr(search.pack.runner, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(search.pack.size, "autocast_dtype", lambda device: torch.float16)
+    with pytest.raises(ValueError, match="fp16"):
+        run_pack(get_family("logreg"), _tiny_members("logreg", VARIED[:2]), load_parts(tiny_config, 16), tiny_config,
+                 CPU, data_seed=0)
+    assert pack_size(get_family("logreg"), torch.device("cuda")) == 1
