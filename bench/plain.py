@@ -37,6 +37,7 @@ from search.errors import UserError
 from search.family import get_family, parse_families
 from search.pipeline import DataConfig, eval_batch_cap, load_parts, place
 from search.training import autocast
+from search.trial import has_convolutions
 
 # Where the benchmarks find their images and MobileNetV2 weights unless told with --data-root / --weights.
 DATA_ROOT_ENV = "STL10_SEARCH_BENCH_DATA"
@@ -123,7 +124,7 @@ def build_plain_model(family: str, params: dict[str, Any], size: int, weights: P
     torch.manual_seed(seed)
     model = get_family(family).create_model(params, num_classes=num_classes, image_size=size,
                                             weights=str(weights) if weights else None).to(device)
-    if device.type == "cuda" and family not in ("logreg", "mlp"):
+    if device.type == "cuda" and has_convolutions(model):
         model = model.to(memory_format=torch.channels_last)
     return model
 

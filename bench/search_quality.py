@@ -32,13 +32,13 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 
 from bench.launch import run_cli, tail
 from bench.plain import add_data_arguments, parse_models, print_table
 from search.best import stored_result
+from search.records import BestResult
 from search.family import get_family
 
 CPU_MODELS = "logreg,mlp,mobilenet_frozen"
@@ -61,14 +61,14 @@ REFERENCE, SEARCHED = "reference-", "searched-"
 class Side:
     """One side's stored `best` result, or why there is none."""
 
-    result: dict[str, Any] | None
+    result: BestResult | None
     seconds: float
     problem: str | None = None
 
     def figure(self, key: str) -> str:
         if self.result is None:
             return "-"
-        value = self.result.get(key)
+        value = getattr(self.result, key)
         return f"{value:.2%}" if isinstance(value, float) else "-"
 
 
@@ -120,7 +120,7 @@ def run_side(args: argparse.Namespace, model: str, prefix: str, trials: int, par
 
 
 def parameters(side: Side) -> str:
-    return f"{side.result['trainable_parameters']:,}" if side.result else "-"
+    return f"{side.result.trainable_parameters:,}" if side.result else "-"
 
 
 def main() -> None:

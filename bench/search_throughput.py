@@ -43,6 +43,7 @@ from PIL import Image
 from bench.launch import run_cli, tail
 from bench.plain import DATA_ROOT_ENV, print_table
 from search.family import get_family
+from search.records import TrialRecord
 
 SEARCHED = ("lr", "weight_decay")  # and every dropout: what part 1's trials vary; the rest is fixed
 
@@ -291,7 +292,7 @@ def pruning(args: argparse.Namespace, launch: Launch, workers: int, workdir: Pat
         wall = search(run, cache, args.data_root, args.prune_model, args.prune_trials, workers, launch,
                       [f"epochs={args.prune_epochs}"], pruner, 32, args.timeout)
         trials = finished_trials(run, args.prune_model)
-        epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
+        epochs = sum(len(TrialRecord.load(t).history) for t in trials)
         pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
         best = max((t.value for t in trials if t.value is not None), default=float("nan"))
         results.append((pruner, len(trials), pruned, epochs, best, wall))

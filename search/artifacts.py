@@ -10,10 +10,7 @@ changes, so `best --force` replaces the file and rewrites its metadata instead o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
-import json
-import mimetypes
 import os
 import shutil
 import uuid
@@ -25,6 +22,7 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore
 
 from search.errors import UserError, os_reason
+from search.optuna_private import register_study_artifact
 from search.storage import artifact_dir
 from search.studies import load_settings
 
@@ -72,22 +70,6 @@ def artifact_store(url: str, override: Path | None = None) -> WeightsStore:
 def weights_artifact_id(study: optuna.Study) -> str:
     """The study's one weights artifact id, derived from its uid: the same at every retrain."""
     return str(uuid.uuid5(_WEIGHTS_NAMESPACE, load_settings(study).uid))
-
-
-def register_study_artifact(study: optuna.Study, artifact_id: str, filename: str) -> None:
-    """Register a file already in the artifact store on the study, as optuna.artifacts.upload_artifact does.
-
-    The one place that knows Optuna's private format (study system attribute "artifacts:<id>" holding an
-    ArtifactMeta as JSON); tests read it back through the public get_all_artifact_meta and the dashboard's
-    download route, so a change in Optuna fails loudly. Registering an id again replaces its metadata.
-    """
-    from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, DEFAULT_MIME_TYPE, ArtifactMeta
-
-    mimetype, encoding = mimetypes.guess_type(filename)
-    meta = ArtifactMeta(artifact_id=artifact_id, filename=filename, mimetype=mimetype or DEFAULT_MIME_TYPE,
-                        encoding=encoding)
-    study._storage.set_study_system_attr(study._study_id, ARTIFACTS_ATTR_PREFIX + artifact_id,
-                                         json.dumps(dataclasses.asdict(meta)))
 
 
 def save_weights(study: optuna.Study, trial_number: int, model: torch.nn.Module, store: WeightsStore

@@ -2,7 +2,7 @@
 
 This is the step the reference study did by hand: choose on validation, then touch the test split once.
 The retrained run stops at the trial's best epoch, so it is the model the validation chose. The result is
-stored on the study (user attr "best_result") and the weights as an Optuna artifact, so `best` run again
+stored on the study (a `search.records.BestResult`) and the weights as an Optuna artifact, so `best` run again
 prints what is stored instead of training again.
 """
 
@@ -21,11 +21,11 @@ from search.artifacts import WeightsStore, save_weights
 from search.errors import UserError
 from search.pipeline import load_parts, place
 from search.storage import artifact_dir  # noqa: F401 - re-exported: it moved to storage.py
-from search.studies import DATA_ATTR, best_trial as best_of, load_settings, trial_params, trial_seed
+from search.provenance import provenance
+from search.records import BestResult, TrialRecord
+from search.studies import DATA_ATTR, best_trial as best_of, load_settings, trial_seed
 from search.training import autocast, confusion_matrix
 from search.trial import has_convolutions, run_trial
-
-BEST_ATTR = "best_result"
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
@@ -37,14 +37,14 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
 
 
 def stored_result(study: optuna.Study, trial: FrozenTrial | None = None, full_train: bool | None = None
-                  ) -> dict[str, Any] | None:
+                  ) -> BestResult | None:
     """The stored result, if it is for `trial` and the same full_train choice (when given)."""
-    result = study.user_attrs.get(BEST_ATTR)
+    result = BestResult.load(study)
     if result is None:
         return None
-    if trial is not None and result.get("trial") != trial.number:
+    if trial is not None and result.trial != trial.number:
         return None
-    if full_train is not None and bool(result.get("full_train")) != full_train:
+    if full_train is not None and result.full_train != full_train:
         return None
     return result
 
@@ -94,11 +94,11 @@ def measure_latency(model: torch.nn.Module, image_size: int, device: torch.devic
 
 
 @contextlib.contextmanager
-def same_threads(trial: FrozenTrial, device: torch.device) -> Iterator[None]:
+def same_threads(threads: int | None, device: torch.device) -> Iterator[None]:
     """On the CPU, retrain with the trial's number of threads: summation order depends on it, and a CNN's
     validation accuracy drifted by 1.7 points over 3 epochs between 1 and 2 threads. Then the retrain
     reproduces the trial exactly."""
-    threads, before = trial.user_attrs.get("threads"), torch.get_num_threads()
+    before = torch.get_num_threads()
     if device.type != "cpu" or not threads:
         yield
         return
@@ -121,27 +121,28 @@ def retrain_and_test(
     full_train: bool = False,
     data_overrides: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> BestResult:
     """Train the best trial again up to its best epoch, score it on test, store result and weights on the study."""
     trial = best_trial(study)
+    record = TrialRecord.load(trial)
     settings = load_settings(study)
     family = settings.model_family()
-    params = trial_params(trial)
-    best_epoch = int(trial.user_attrs.get("best_epoch") or params["epochs"])
+    params = record.params_of(trial)
+    best_epoch = int(record.best_epoch or params["epochs"])
     seed = trial_seed(settings, trial)
     config = settings.data_config(**(data_overrides or {}))
 
     started = time.perf_counter()
-    ran = len(trial.user_attrs.get("history") or [])
-    if 0 < ran < int(params["epochs"]):
-        log(f"[{study.study_name}] trial #{trial.number} was stopped by the time budget after epoch {ran} of "
-            f"{params['epochs']}: it is retrained on the same schedule up to its best epoch, {best_epoch}")
+    if 0 < len(record.history) < int(params["epochs"]):
+        log(f"[{study.study_name}] trial #{trial.number} was stopped by the time budget after epoch "
+            f"{len(record.history)} of {params['epochs']}: it is retrained on the same schedule up to its best epoch, "
+            f"{best_epoch}")
     log(f"[{study.study_name}] retraining trial #{trial.number} for {best_epoch} epoch(s) on "
         f"{'train+validation' if full_train else 'train'} ({device})")
     size = family.size_for(params, config.image_size)
     parts = place(load_parts(config, size, with_test=True, full_train=full_train,
                              expect=study.user_attrs.get(DATA_ATTR)), device)
-    with same_threads(trial, device):
+    with same_threads(record.threads, device):
         trained = run_trial(family, params, parts, config, device, seed, stop_after=best_epoch,
                             on_epoch=lambda m: log(f"[{study.study_name}] epoch {m.epoch}/{best_epoch}: train loss "
                                                    f"{m.train_loss:.4f}, val accuracy {m.val_accuracy:.2%} "
@@ -151,37 +152,38 @@ def retrain_and_test(
 
     classes = list(parts["test"].classes)
     matrix = confusion_matrix(parts["test"].labels, test.predictions, len(classes))
-    result = {
-        "trial": trial.number,
-        "val_accuracy": trial.value,
+    result = BestResult(
+        trial=trial.number,
+        val_accuracy=trial.value,
         # the same params and seed on the CPU reproduce the trial: this equals val_accuracy unless full_train
-        "retrained_val_accuracy": trained.history[-1].val_accuracy if trained.history else None,
-        "test_loss": test.loss,
-        "test_accuracy": test.accuracy,
-        "test_images": len(parts["test"]),
-        "per_class_accuracy": per_class_accuracy(matrix),
-        "confusion_matrix": matrix,
-        "classes": classes,
-        "trainable_parameters": count_trainable(trained.model),
+        retrained_val_accuracy=trained.history[-1].val_accuracy if trained.history else None,
+        test_loss=test.loss,
+        test_accuracy=test.accuracy,
+        test_images=len(parts["test"]),
+        per_class_accuracy=per_class_accuracy(matrix),
+        confusion_matrix=matrix,
+        classes=classes,
+        trainable_parameters=count_trainable(trained.model),
+        params=params,
+        epochs=best_epoch,
+        seed=seed,
+        seconds=seconds,
+        full_train=full_train,
+        device=str(device),
+        provenance=provenance().as_dict(),
         **measure_latency(trained.model, size, device),
-        "params": params,
-        "epochs": best_epoch,
-        "seed": seed,
-        "seconds": seconds,
-        "full_train": full_train,
-        "device": str(device),
-    }
-    result.update(save_weights(study, trial.number, trained.model, store))
-    study.set_user_attr(BEST_ATTR, result)
+        **save_weights(study, trial.number, trained.model, store),
+    )
+    result.save(study)
     return result
 
 
-def format_result(name: str, result: dict[str, Any]) -> str:
+def format_result(name: str, result: BestResult) -> str:
     """The one line `best` prints per model; tests and the report read the same numbers."""
-    latency = result.get("latency_ms")
-    return (f"{name}: test accuracy {result['test_accuracy']:.2%}, test loss {result['test_loss']:.4f} "
-            f"(trial #{result['trial']}, validation {result['val_accuracy']:.2%}, "
-            f"{result['trainable_parameters']:,} parameters"
+    latency = result.latency_ms
+    return (f"{name}: test accuracy {result.test_accuracy:.2%}, test loss {result.test_loss:.4f} "
+            f"(trial #{result.trial}, validation {result.val_accuracy:.2%}, "
+            f"{result.trainable_parameters:,} parameters"
             + (f", {latency['batch_1']:.2f} ms/image at batch 1 and {latency['batch_256']:.3f} at batch 256 on "
-               f"{result['device']}" if latency else "")
-            + f"{', full train' if result['full_train'] else ''})")
+               f"{result.device}" if latency else "")
+            + f"{', full train' if result.full_train else ''})")

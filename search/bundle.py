@@ -362,44 +362,39 @@ def _rebuild(folder: Path, config: dict[str, Any], log: Callable[[str], None]) -
 
 
 def stored_model(study: Any, artifacts: Path) -> TrainedModel:
-    """The model `best` retrained and stored on `study`, rebuilt from its weights artifact in `artifacts`.
-
-    The one reader of `best`'s stored result (study user attr "best_result" and the weights artifact);
-    nothing is trained. A study that `best` has not tested is a UserError.
-    """
+    """The model `best` retrained and stored on `study` (its `search.records.BestResult`), rebuilt from its weights
+    artifact in `artifacts`; nothing is trained. A study that `best` has not tested is a UserError."""
     from optuna.artifacts import FileSystemArtifactStore
     from optuna.artifacts.exceptions import ArtifactNotFound
 
-    from search.best import stored_result
+    from search.records import BestResult
     from search.studies import load_settings
 
-    result = stored_result(study)
+    result = BestResult.load(study)
     settings = load_settings(study)
     if result is None:
         raise UserError(f"study {study.study_name!r} has no tested model yet; run `stl10-search best --model "
                         f"{settings.family}` first")
     family = settings.model_family()
-    params, classes = dict(result["params"]), list(result["classes"])
+    params, classes = dict(result.params), list(result.classes)
     size = family.size_for(params, settings.data.get("image_size"))
     try:
-        with FileSystemArtifactStore(artifacts).open_reader(result["artifact_id"]) as reader:
+        with FileSystemArtifactStore(artifacts).open_reader(result.artifact_id) as reader:
             state = torch.load(io.BytesIO(reader.read()), map_location="cpu", weights_only=True)
     except (ArtifactNotFound, FileNotFoundError):
-        raise UserError(f"the weights of study {study.study_name!r} (artifact {result['artifact_id']}) are not in "
+        raise UserError(f"the weights of study {study.study_name!r} (artifact {result.artifact_id}) are not in "
                         f"{artifacts}; pass --artifacts with the folder `best` stored them in, or run "
                         f"`stl10-search best --force`") from None
     model = family.create_model(params, num_classes=len(classes), image_size=size, weights="none")
     model.load_state_dict(state, strict=True)
-    latency = result.get("latency_ms")
     return TrainedModel(
         model=model.eval(), family=family.name, params=params, classes=classes, image_size=size,
-        trial=result["trial"], seed=result["seed"], test_accuracy=result["test_accuracy"],
-        val_accuracy=result["val_accuracy"], trainable_parameters=result["trainable_parameters"], latency_ms=latency,
-        family_origin=family.origin, family_file=settings.family_file, study=study.study_name,
-        provenance=result.get("provenance"),
-        extra={"test_loss": result.get("test_loss"), "test_images": result.get("test_images"),
-               "epochs": result.get("epochs"), "full_train": result.get("full_train"),
-               "retrained_on": result.get("device")},
+        trial=result.trial, seed=result.seed, test_accuracy=result.test_accuracy,
+        val_accuracy=result.val_accuracy, trainable_parameters=result.trainable_parameters,
+        latency_ms=result.latency_ms or None, family_origin=family.origin, family_file=settings.family_file,
+        study=study.study_name, provenance=result.provenance,
+        extra=dict(test_loss=result.test_loss, test_images=result.test_images, epochs=result.epochs,
+                   full_train=result.full_train, retrained_on=result.device),
     )
 
 

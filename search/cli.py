@@ -5,22 +5,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 from search.commands.options import (Parser, add_artifacts_argument, add_cache_dir_argument, add_data_arguments,
+                                     add_json_argument,
                                      add_data_root_argument, add_device_argument, add_full_train_argument,
                                      add_launch_arguments, add_model_argument, add_out_argument, add_search_arguments,
-                                     add_storage_argument, add_track_argument, model_help, quiet_optuna)
+                                     add_storage_argument, add_track_argument, common_options, model_help,
+                                     quiet_optuna, set_verbosity)
 from search.errors import USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="stl10-search", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_completion(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    common = [common_options()]
 
-    train = commands.add_parser("train", help="one hand-set run, printing a per-epoch table")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=common, help=help)
+
+    train = command("train", "one hand-set run, printing a per-epoch table")
     add_model_argument(train, None, "the model")
     train.add_argument("--param", action="append", metavar="KEY=VALUE", help="set a hyperparameter (repeatable)")
     train.add_argument("--epochs", type=int, help="number of epochs (default: the model's reference setting)")
@@ -31,28 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(train)
     train.set_defaults(handler="search.commands.train:run_train")
 
-    space = commands.add_parser("space", help="each model's parameters: searched range, default, when it applies")
+    space = command("space", "each model's parameters: searched range, default, when it applies")
     add_model_argument(space, "all", "all (default), or a comma-separated list of models")
-    space.set_defaults(handler="search.commands.train:run_space")
+    add_json_argument(space, "the parameters as JSON")
+    space.set_defaults(handler="search.commands.space:run_space")
 
-    search = commands.add_parser("search", help="create the studies, start workers, show progress, print a summary")
+    search = command("search", "create the studies, start workers, show progress, print a summary")
     add_model_argument(search, "all", "all, or a comma-separated list of models")
     add_search_arguments(search)
     add_launch_arguments(search)
+    add_json_argument(search, "the closing summary")
     search.set_defaults(handler="search.commands.search:run_search")
 
-    worker = commands.add_parser("worker", help="one worker process pulling trials from shared storage")
+    worker = command("worker", "one worker process pulling trials from shared storage")
     add_model_argument(worker, None, "a model, or a comma-separated list worked through in turn")
     add_search_arguments(worker)
     add_device_argument(worker)
     worker.add_argument("--threads", type=int, help="CPU threads for this worker (default: torch's own choice)")
     worker.set_defaults(handler="search.commands.search:run_worker")
 
-    best = commands.add_parser("best", help="retrain the best trial of each study and score it once on test")
+    best = command("best", "retrain the best trial of each study and score it once on test")
     add_model_argument(best, "all", "all (default), or a comma-separated list of models")
     add_storage_argument(best)
     add_full_train_argument(best)
     best.add_argument("--force", action="store_true", help="retrain even when a result is stored")
+    add_json_argument(best, "each study's result (the stored BestResult)")
     add_artifacts_argument(best)
     add_device_argument(best)
     add_cache_dir_argument(best)
@@ -60,21 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_track_argument(best)
     best.set_defaults(handler="search.commands.results:run_best")
 
-    track = commands.add_parser("track", help="send the stored trials and tested best of finished studies to "
+    track = command("track", "send the stored trials and tested best of finished studies to "
                                               "experiment trackers")
     add_model_argument(track, "all", "all (default), or a comma-separated list of models")
     add_storage_argument(track)
     add_track_argument(track, required=True)
     track.set_defaults(handler="search.commands.track:run_track")
 
-    report = commands.add_parser("report", help="write the results of every study as Markdown, HTML, JSON and CSV")
+    report = command("report", "write the results of every study as Markdown, HTML, JSON and CSV")
     add_out_argument(report)
     report.add_argument("--format", default="md,html,json,csv", help="any of md,html,json,csv (default all)")
     add_storage_argument(report)
     add_cache_dir_argument(report)
     report.set_defaults(handler="search.commands.results:run_report")
 
-    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the storage, with the weights artifacts")
+    dashboard = command("dashboard", "optuna-dashboard on the storage, with the weights artifacts")
     add_storage_argument(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_artifacts_argument(dashboard)
     dashboard.set_defaults(handler="search.commands.results:run_dashboard")
 
-    export = commands.add_parser("export", help="write each study's retrained best as a bundle: weights, config, "
+    export = command("export", "write each study's retrained best as a bundle: weights, config, "
                                                  "torch.export program, ONNX, README")
     add_model_argument(export, "all", "all (default), or a comma-separated list of models")
     add_storage_argument(export)
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "its packages are installed: pip install 'stl10-search[onnx]')")
     export.set_defaults(handler="search.commands.export:run_export")
 
-    predict = commands.add_parser("predict", help="top-k classes of images with a bundle or a study's stored best")
+    predict = command("predict", "top-k classes of images with a bundle or a study's stored best")
     predict.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files (or use --folder)")
     predict.add_argument("--folder", type=Path, help="every image under DIR; DIR/<class>/ also gets accuracy and a "
                                                      "confusion matrix")
@@ -108,15 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(predict)
     predict.set_defaults(handler="search.commands.export:run_predict", family_file=None)
 
-    run = commands.add_parser("run", help="the whole job: search, then best, then report (run again to continue)")
+    run = command("run", "the whole job: search, then best, then report (run again to continue)")
     add_model_argument(run, "all", "all (default), or a comma-separated list of models")
     add_search_arguments(run)
     add_launch_arguments(run)
     add_full_train_argument(run)
     add_artifacts_argument(run)
     add_out_argument(run)
+    add_json_argument(run, "the search's closing summary")
     run.set_defaults(handler="search.commands.results:run_run")
     return parser
+
+
+def add_completion(parser: argparse.ArgumentParser) -> None:
+    """--print-completion bash|zsh|tcsh, from shtab when it is installed (`pip install 'stl10-search[completion]'`)."""
+    try:
+        import shtab
+    except ImportError:
+        return
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script: bash, zsh or tcsh")
 
 
 def version() -> str:
@@ -130,13 +151,21 @@ def version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
-        quiet_optuna()
+        if argv is not None:  # run from Python: sys.argv is not this command
+            from search.provenance import record_command
+
+            record_command(argv)
+        set_verbosity(args)
+        quiet_optuna(getattr(args, "verbose", False))
         module_name, function_name = args.handler.split(":")
         handler = getattr(importlib.import_module(module_name), function_name)
         return int(handler(args) or 0)
     except USER_ERRORS as error:
+        if args is not None and getattr(args, "verbose", False):
+            traceback.print_exc()
         print(f"stl10-search: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Callable
+from typing import Callable
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from search.errors import UserError
 from search.family import get_family
+from search.records import BestResult, TrialRecord
 from search.studies import load_settings
 
 CURVES_PLOT_ID = "best-trial-learning-curves"
@@ -42,7 +43,7 @@ def save_tradeoff_plots(storage: optuna.storages.BaseStorage, prefix: str = "") 
     return len(reports)
 
 
-def save_dashboard_plots(study: optuna.Study, result: dict[str, Any]) -> None:
+def save_dashboard_plots(storage: optuna.storages.BaseStorage, study: optuna.Study, result: BestResult) -> None:
     """Store the tested trial's curves and the test confusion matrix as the study's custom dashboard plots.
 
     Fixed plot ids, so running `best` again replaces the plots instead of adding more. The cross-model figure
@@ -54,15 +55,15 @@ def save_dashboard_plots(study: optuna.Study, result: dict[str, Any]) -> None:
 
     family = load_settings(study).family
     title = get_family(family).title
-    trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id,
-                                                                                          result["trial"]))
-    history = trial.user_attrs.get("history", [])
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, result.trial))
+    history = TrialRecord.load(trial).history
     if history:
         figure = learning_curves(history, f"{title}: trial #{trial.number}, loss and accuracy per epoch")
         save_plotly_graph_object(study, figure, graph_object_id=CURVES_PLOT_ID)
     figure = confusion_figure(result, f"{title}: test confusion matrix (trial #{trial.number} retrained)")
     save_plotly_graph_object(study, figure, graph_object_id=CONFUSION_PLOT_ID)
-    save_tradeoff_plots(study._storage, prefix=study.study_name.removesuffix(family))
+    save_tradeoff_plots(storage, prefix=study.study_name.removesuffix(family))
 
 
 def check_host(host: str, allow_remote: bool) -> str | None:

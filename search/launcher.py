@@ -18,12 +18,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.progress import ProgressDisplay, StudyStatus, summary_lines
+from search.records import TrialRecord
 from search.studies import ENDED_ATTR, count_trials, counts_of, requeued_numbers, search_seconds
 from search.storage import storage_kind
 
@@ -227,7 +229,7 @@ def best_value(study: optuna.Study) -> float | None:
 
 
 def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], storage, interval: float = 2.0,
-              grace: float = STOP_GRACE_S) -> int:
+              grace: float = STOP_GRACE_S, progress: bool = True) -> int:
     """Show progress until every worker exits. Ctrl-C once: workers stop after their epoch; twice: killed.
 
     If the launcher itself fails here, its workers are stopped (SIGTERM, SIGKILL after `grace` seconds):
@@ -254,7 +256,8 @@ def supervise(processes: list[subprocess.Popen], studies: list[optuna.Study], st
     try:
         while any(p.poll() is None for p in processes):
             time.sleep(interval)
-            display.show([study_status(study, storage) for study in studies])
+            if progress:
+                display.show([study_status(study, storage) for study in studies])
     except BaseException:
         stop_workers(processes, grace)
         raise
@@ -332,7 +335,7 @@ def search_failures(processes: list[subprocess.Popen], log_paths: list[Path], st
         counts = counts_of(trials)
         if counts.finished == 0 and counts.failed:
             requeued = requeued_numbers(trials)
-            reasons = Counter(t.user_attrs.get("reason") or "no reason stored" for t in trials
+            reasons = Counter(TrialRecord.load(t).reason or "no reason stored" for t in trials
                               if t.state == TrialState.FAIL and t.number not in requeued)
             reason, count = reasons.most_common(1)[0]
             problems.append(f"{study.study_name}: no trial finished; {counts.failed} failed, {count} of them with: "
@@ -340,20 +343,31 @@ def search_failures(processes: list[subprocess.Popen], log_paths: list[Path], st
     return problems
 
 
-def summary_table(studies: list[optuna.Study], storage) -> str:
-    """Per study what its trials became, the best, and why the search ended, in 100 columns. Failed is for
-    settings that could not run; interrupted trials (Ctrl-C, a worker that died) were queued again."""
-    rows = [("study", "finished", "complete", "pruned", "failed", "interrupted", "queued", "best val", "trial",
-             "minutes")]
-    notes = []
+def summary_records(studies: list[optuna.Study]) -> list[dict[str, Any]]:
+    """Per study what its trials became, the best, and why the search ended, as plain values (`--json`)."""
+    records = []
     for study in studies:
         trials = study.get_trials(deepcopy=False)
-        counts, span = counts_of(trials), search_seconds(trials)
-        best = best_value(study)
-        status = StudyStatus(study.study_name, (study.user_attrs.get("settings") or {}).get("n_trials"), counts,
-                             best, None)
-        rows.append((study.study_name, status.finished, str(counts.complete), str(counts.pruned), str(counts.failed),
-                     str(counts.interrupted), str(counts.waiting), f"{best:.2%}" if best is not None else "-",
-                     f"#{study.best_trial.number}" if best is not None else "-", f"{span / 60:.1f}"))
-        notes.append(f"{study.study_name} ended: {study.user_attrs.get(ENDED_ATTR) or '-'}")
-    return summary_lines(rows, notes)
+        counts, best = counts_of(trials), best_value(study)
+        records.append({"study": study.study_name, "finished": counts.finished,
+                        "trial_budget": (study.user_attrs.get("settings") or {}).get("n_trials"),
+                        "complete": counts.complete, "pruned": counts.pruned, "failed": counts.failed,
+                        "interrupted": counts.interrupted, "queued": counts.waiting, "best_val_accuracy": best,
+                        "best_trial": study.best_trial.number if best is not None else None,
+                        "search_seconds": search_seconds(trials), "ended": study.user_attrs.get(ENDED_ATTR)})
+    return records
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """`summary_records` in 100 columns. Failed is for settings that could not run; interrupted trials (Ctrl-C, a
+    worker that died) were queued again."""
+    rows = [("study", "finished", "complete", "pruned", "failed", "interrupted", "queued", "best val", "trial",
+             "minutes")]
+    for r in records:
+        finished = f"{r['finished']}/{r['trial_budget']}" if r["trial_budget"] else str(r["finished"])
+        best = r["best_val_accuracy"]
+        rows.append((r["study"], finished, *(str(r[k]) for k in ("complete", "pruned", "failed", "interrupted",
+                                                                 "queued")),
+                     f"{best:.2%}" if best is not None else "-",
+                     f"#{r['best_trial']}" if r["best_trial"] is not None else "-", f"{r['search_seconds'] / 60:.1f}"))
+    return summary_lines(rows, [f"{r['study']} ended: {r['ended'] or '-'}" for r in records])

@@ -46,10 +46,42 @@ class Provenance:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def host(self) -> dict[str, Any]:
+        """What ran one trial, kept on its record: the machine, its GPUs or CPU, the threads and the commit."""
+        return {"hostname": self.hostname, "gpus": self.gpus, "cpu": self.cpu, "threads": self.threads,
+                "git_commit": self.git_commit, "git_dirty": self.git_dirty}
+
+
+def describe(stored: dict[str, Any]) -> list[str]:
+    """A stored provenance (`Provenance.as_dict()`) as lines for a reader: versions, code, machine, command."""
+    packages = stored.get("packages") or {}
+    versions = ", ".join([f"Python {stored.get('python', '?')}",
+                          *(f"{name} {version}" for name, version in packages.items())])
+    commit = stored.get("git_commit")
+    code = (f"git commit {commit[:12]}" + (" with local changes" if stored.get("git_dirty") else "") if commit
+            else "not a git checkout (an installed package)")
+    gpus = stored.get("gpus") or []
+    machine = (f"{len(gpus)} x {gpus[0]}" + (f" (CUDA {stored['cuda']})" if stored.get("cuda") else "") if gpus
+               else f"CPU {stored.get('cpu', '?')}, {stored.get('threads', '?')} thread(s)")
+    return [f"Versions: {versions}", f"Code: {code}", f"Machine: {machine} on {stored.get('hostname', '?')}",
+            f"Command: {' '.join(stored.get('command') or []) or '?'}"]
+
+
+_COMMAND: list[str] | None = None  # the command line `search.cli.main` ran, when it ran one
+
+
+def record_command(argv: Sequence[str]) -> None:
+    """The command this process runs (`stl10-search` and its arguments), when it is not sys.argv: a command
+    line run by `search.cli.main(argv)` from Python, a notebook or a test."""
+    global _COMMAND
+    _COMMAND = redacted_command(["stl10-search", *argv])
+
 
 def provenance() -> Provenance:
-    """This process's provenance; everything but the thread count is collected on the first call only."""
-    return dataclasses.replace(_static(), threads=torch.get_num_threads())
+    """This process's provenance; everything but the thread count and the command is collected on the first
+    call only."""
+    return dataclasses.replace(_static(), threads=torch.get_num_threads(),
+                               command=_COMMAND or redacted_command(sys.argv))
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,10 +103,15 @@ def _static() -> Provenance:
 
 
 def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions; torch's and torchvision's as they report themselves, with the build tag (2.14.1+cu130)
+    that their package metadata leaves out."""
+    import torchvision
+
+    built = {"torch": torch.__version__, "torchvision": torchvision.__version__}
     versions = {}
     for name in names:
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[name] = built.get(name) or importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions

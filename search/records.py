@@ -73,9 +73,26 @@ class TrialRecord:
         """Store the whole record on a running trial: one storage write."""
         trial.set_user_attr(_TRIAL_ATTR, self.to_json())
 
-    def queue_attrs(self) -> dict[str, Any]:
-        """The user attributes to queue a trial with (`study.enqueue_trial(..., user_attrs=...)`)."""
+    def user_attrs(self) -> dict[str, Any]:
+        """The user attributes that hold this record: to queue a trial with (`study.enqueue_trial(...,
+        user_attrs=...)`) or to build one (`optuna.trial.create_trial`)."""
         return {_TRIAL_ATTR: self.to_json()}
+
+    def queued(self, number: int) -> TrialRecord:
+        """A fresh record for trial `number` that keeps what it was queued with: a re-run's seed and the number
+        it continues, the hand-found setting, a warm start's source (a failed attempt's curves are dropped)."""
+        return TrialRecord(seed=self.seed, first_number=self.first_number if self.first_number is not None else number,
+                           reference=self.reference, retry_of=self.retry_of, warm_start=self.warm_start)
+
+    @classmethod
+    def scalar_fields(cls) -> list[str]:
+        """The fields that hold one number, name or flag each: a table's columns."""
+        nested = {"params", "history", "provenance"}
+        return [f.name for f in fields(cls) if f.name not in nested]
+
+    def setting_json(self, trial: FrozenTrial) -> dict[str, Any]:
+        """What repeats the trial by hand (`stl10-search train --param ...`): its full params, seed, best epoch."""
+        return {"params": self.params_of(trial), "seed": self.seed, "best_epoch": self.best_epoch}
 
     def params_of(self, trial: FrozenTrial) -> dict[str, Any]:
         """Every parameter that shaped the run; a trial that never started has only its sampled ones."""
@@ -91,6 +108,18 @@ class TrialRecord:
         """Stopped by the time budget: it ran fewer epochs than its budget and was not pruned or failed."""
         return bool(self.history and self.params and len(self.history) < int(self.params["epochs"])
                     and self.reason and self.reason.startswith("time budget"))
+
+
+def retried_number(trial: FrozenTrial) -> int | None:
+    """The number of the interrupted trial that `trial` runs again (its record's `retry_of`), read without
+    loading the whole record: counting trials reads it for every trial of a study."""
+    stored = trial.user_attrs.get(_TRIAL_ATTR)
+    return stored.get("retry_of") if isinstance(stored, dict) else trial.user_attrs.get("retry_of")
+
+
+def trial_params(trial: FrozenTrial) -> dict[str, Any]:
+    """Every parameter that shaped the trial's run: the sampled ones and the fixed ones resolved with them."""
+    return TrialRecord.load(trial).params_of(trial)
 
 
 @dataclass

@@ -32,14 +32,13 @@ import optuna
 import sqlalchemy
 from filelock import FileLock, Timeout
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from search.environment import ARTIFACTS_ENV, DEFAULT_STORAGE  # noqa: F401 - DEFAULT_STORAGE re-exported
 from search.errors import StorageReadOnly, StorageUnavailable, UserError
+from search.optuna_private import BaseHeartbeat, get_lock_file
 
 SQLITE_BUSY_TIMEOUT_S = 120
 LOCK_TIMEOUT_S = 120  # how long a process waits for another to finish creating a storage or starting a trial
@@ -556,7 +555,8 @@ def requeue_orphaned_trials(storage: BaseStorage, study_name: str) -> list[int]:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     failed = []
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            retry(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            retry(study, copy.deepcopy(storage.get_trial(trial_id)))
             failed.append(trial.number)
     return failed

@@ -23,6 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 from search.errors import UserError
 from search.family import Family, get_family, load_family_file
 from search.pipeline import STORED_DATA_FIELDS, DataConfig
+from search.optuna_private import study_id
+from search.provenance import provenance
+from search.records import TrialRecord, retried_number
 from search.sampling import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from search.space import Dim, customize
 
@@ -30,6 +33,7 @@ SETTINGS_ATTR = "settings"
 DEADLINE_ATTR = "deadline"  # UTC seconds since the epoch after which no trial starts and running ones stop
 ENDED_ATTR = "ended"  # why the last search of the study ended: its trial budget or its time budget
 DATA_ATTR = "data_identity"  # classes and images per class of the train part the study searched
+PROVENANCE_ATTR = "provenance"  # what ran the search that last created or continued it (search.provenance)
 OBJECTIVE_NAME = "validation accuracy"
 
 
@@ -94,7 +98,7 @@ def load_settings(study: optuna.Study) -> StudySettings:
         raise UserError(f"study {study.study_name!r} was not created by stl10-search (no settings stored)")
     known = {f.name for f in fields(StudySettings)}
     values = {k: v for k, v in stored.items() if k in known}
-    values.setdefault("uid", f"{study.study_name}-{study._study_id}")  # a study made before uids were stored
+    values.setdefault("uid", f"{study.study_name}-{study_id(study)}")  # a study made before uids were stored
     return StudySettings(**values)
 
 
@@ -129,10 +133,11 @@ def create_or_update(storage: optuna.storages.BaseStorage, name: str, settings: 
     if study.metric_names != [OBJECTIVE_NAME]:
         study.set_metric_names([OBJECTIVE_NAME])  # optuna-dashboard shows it instead of "Objective 0"
     save_settings(study, settings)
+    study.set_user_attr(PROVENANCE_ATTR, provenance().as_dict())
     if enqueue_reference:
         family = settings.model_family()
-        study.enqueue_trial(family.reference_trial(settings.dims()), user_attrs={"reference": True},
-                            skip_if_exists=True)
+        study.enqueue_trial(family.reference_trial(settings.dims()),
+                            user_attrs=TrialRecord(reference=True).user_attrs(), skip_if_exists=True)
     return study
 
 
@@ -151,17 +156,13 @@ def set_deadlines(studies: list[optuna.Study], seconds: float | None, weights: l
 
 def deadline_of(storage: optuna.storages.BaseStorage, study: optuna.Study) -> float | None:
     """The study's deadline as stored now (read from storage: a new search may have moved it)."""
-    return storage.get_study_user_attrs(study._study_id).get(DEADLINE_ATTR)
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(study.study_name)).get(DEADLINE_ATTR)
 
 
 def trial_seed(settings: StudySettings, trial: optuna.Trial | FrozenTrial) -> int:
-    """A trial's seed: the one it was queued with (a re-run), else the study seed plus its number."""
-    return int(trial.user_attrs.get("seed", settings.seed + trial.number))
-
-
-def trial_params(trial: FrozenTrial) -> dict[str, Any]:
-    """Every parameter that shaped the trial's run: the sampled ones and the fixed ones resolved with them."""
-    return dict(trial.user_attrs.get("params") or trial.params)
+    """A trial's seed: the one it was queued with (a re-run) or ran with, else the study seed plus its number."""
+    seed = TrialRecord.load(trial).seed
+    return int(seed) if seed is not None else settings.seed + trial.number
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -216,9 +217,9 @@ class Counts:
 
 
 def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the trials that another trial re-runs: by a stop request ("retry_of") or a heartbeat failure
-    ("failed_trial", set by Optuna's retry callback)."""
-    numbers = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    """Numbers of the trials that another trial re-runs: by a stop request (its record's `retry_of`) or a
+    heartbeat failure ("failed_trial", set by Optuna's retry callback)."""
+    numbers = {retried_number(t) for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
     numbers.discard(None)
     return numbers  # type: ignore[return-value]
 

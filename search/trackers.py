@@ -237,6 +237,8 @@ class MlflowTracker(Tracker):
         super().__init__(target)
         if target is not None and urlparse(target).scheme in ("", "file"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if target is not None and urlparse(target).scheme == "":  # a folder, named from the folder run in
+            self.target = str(Path(target).expanduser().resolve())
         for name, value in _MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         import mlflow  # noqa: F401 - a missing package shows here, not at the first trial
@@ -327,7 +329,7 @@ class TensorBoardTracker(Tracker):
         super().__init__(target)
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - a missing package shows here
 
-        self.root = Path(target or "runs")
+        self.root = Path(target or "runs").expanduser().resolve()  # named from the folder run in
         self._writers: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
 
     def trial_started(self, study: str, trial_number: int, params: dict[str, Any]) -> None:

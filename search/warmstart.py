@@ -15,7 +15,8 @@ import optuna
 from search.errors import UserError
 from search.space import Dim
 from search.storage import open_storage, redact, storage_file
-from search.studies import SETTINGS_ATTR, existing_study_names, trial_params
+from search.records import TrialRecord, trial_params
+from search.studies import SETTINGS_ATTR, existing_study_names
 
 
 def parse_source(text: str) -> tuple[str, str | None]:
@@ -96,8 +97,8 @@ def warm_start(study: optuna.Study, dims: list[Dim], family: str, source: str, k
         fitted, changed = fit_to_space(trial_params(trial), dims)
         for note in changed:
             notes[note] = notes.get(note, 0) + 1
-        study.enqueue_trial(fitted, user_attrs={"warm_start": f"{redact(url)}#{earlier.study_name} trial "
-                                                              f"#{trial.number}"}, skip_if_exists=True)
+        origin = TrialRecord(warm_start=f"{redact(url)}#{earlier.study_name} trial #{trial.number}")
+        study.enqueue_trial(fitted, user_attrs=origin.user_attrs(), skip_if_exists=True)
     log(f"[{study.study_name}] warm start: queued the {len(best)} best settings of {redact(url)}#"
         f"{earlier.study_name} (validation {best[0].value:.2%} down to {best[-1].value:.2%})"
         + ("; " + "; ".join(f"{note}" + (f" ({n}x)" if n > 1 else "") for note, n in notes.items()) if notes else ""))

@@ -27,7 +27,10 @@ from search.errors import USER_ERRORS, StorageUnavailable
 from search.pipeline import DataConfig, load_parts, place
 from search.space import suggest
 from search.storage import budget_lock
+from search.provenance import provenance
+from search.records import TrialRecord
 from search.studies import DATA_ATTR, ENDED_ATTR, StudySettings, count_trials, deadline_of, load_for_work, trial_seed
+from search.trackers import Tracker, Trackers
 from search.trial import Checkpoint, Interrupted, run_trial
 from search.training import Diverged, EpochMetrics
 
@@ -58,18 +61,20 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iterator[None]:
+def heartbeat(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat in a thread, so that if this process dies the trial is failed and re-run."""
     interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
     if not interval:
         yield
         return
     stop = threading.Event()
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               trial.number)
 
     def beat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
-                storage.record_heartbeat(trial._trial_id)
+                storage.record_heartbeat(trial_id)
             if stop.wait(interval):
                 return
 
@@ -94,9 +99,11 @@ class StudyWork:
     """One study's trials on this worker: data loaded once per image size and kept on the device."""
 
     def __init__(self, study: optuna.Study, settings: StudySettings, config: DataConfig, device: torch.device,
-                 stop: threading.Event, checkpoint_dir: Path | None, log: Callable[[str], None]) -> None:
+                 stop: threading.Event, checkpoint_dir: Path | None, log: Callable[[str], None],
+                 trackers: Tracker) -> None:
         self.study, self.settings, self.config = study, settings, config
         self.device, self.stop, self.checkpoint_dir, self.log = device, stop, checkpoint_dir, log
+        self.trackers = trackers
         self.family = settings.model_family()
         self.dims = settings.dims()
         self._parts: dict[int, dict[str, ImageSet]] = {}
@@ -113,19 +120,19 @@ class StudyWork:
         if self.checkpoint_dir is None:
             return None
         folder = self.checkpoint_dir / f"{self.study.study_name}-{self.settings.uid[:12]}"
-        identity = {"study": self.settings.uid, "trial": first_number, "params": params, "seed": seed}
+        identity = dict(study=self.settings.uid, trial=first_number, params=params, seed=seed)
         return Checkpoint(folder / f"trial-{first_number}.pt", identity)
 
-    def run(self, trial: optuna.Trial, deadline: float | None = None) -> Outcome:
-        """Run one trial; at `deadline` (UTC seconds) it stops at its next epoch boundary, pruned."""
-        history: list[dict[str, float]] = []
+    def run(self, trial: optuna.Trial, record: TrialRecord, deadline: float | None = None) -> Outcome:
+        """Run one trial, filling `record` as it goes; at `deadline` (UTC seconds) it stops at its next epoch
+        boundary as a result at fewer epochs."""
         out_of_memory = False
         try:
-            return self._run(trial, history, deadline)
+            return self._run(trial, record, deadline)
         except optuna.TrialPruned as pruned:
             return Outcome(TrialState.PRUNED, None, str(pruned))
         except ClockStopped as stopped:
-            return self._completed(trial, history, str(stopped))
+            return self._completed(record, str(stopped))
         except Diverged as diverged:
             return Outcome(TrialState.PRUNED, None, str(diverged))
         except torch.OutOfMemoryError as error:
@@ -143,27 +150,25 @@ class StudyWork:
             traceback.print_exc()
             return Outcome(TrialState.FAIL, None, f"failed: {error.__class__.__name__}: {error}")
         finally:
-            with contextlib.suppress(Exception):  # also when the trial was already failed as stale
-                trial.set_user_attr("history", history)
             if out_of_memory:  # here, not in `except`, whose traceback holds the trial's model, optimizer and graph
                 free_device_memory()
 
-    def _run(self, trial: optuna.Trial, history: list[dict[str, float]], deadline: float | None) -> Outcome:
+    def _run(self, trial: optuna.Trial, record: TrialRecord, deadline: float | None) -> Outcome:
         params = self.family.relevant({**self.family.resolve(), **suggest(trial, self.dims)})
         self.family.validate(params)
-        seed = trial_seed(self.settings, trial)
-        first_number = int(trial.user_attrs.get("first_number", trial.number))
-        for key, value in {"seed": seed, "first_number": first_number, "params": params,
-                           "worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(self.device),
-                           "threads": torch.get_num_threads()}.items():
-            trial.set_user_attr(key, value)
+        record.params, record.seed = params, trial_seed(self.settings, trial)
+        record.worker, record.device = f"{socket.gethostname()}:{os.getpid()}", str(self.device)
+        record.threads, record.provenance = torch.get_num_threads(), provenance().host()
+        record.save(trial)  # what the trial runs with, before it runs: one storage write
+        self.trackers.trial_started(self.study.study_name, trial.number, params)
         epochs = int(params["epochs"])
 
         def on_start(model: torch.nn.Module, source: Any) -> None:
-            trial.set_user_attr("trainable_parameters", count_trainable(model))
+            record.trainable_parameters = count_trainable(model)
 
         def on_epoch(metrics: EpochMetrics) -> None:
-            history.append(metrics.as_dict())
+            record.history.append(metrics)
+            self.trackers.epoch(self.study.study_name, trial.number, metrics)
             trial.report(metrics.val_accuracy, metrics.epoch)
             if metrics.epoch < epochs and trial.should_prune():  # a finished run is kept
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}: validation accuracy "
@@ -174,21 +179,21 @@ class StudyWork:
                 raise StopRequested(metrics.epoch)
 
         parts = self.parts(self.family.size_for(params, self.config.image_size))
-        checkpoint = self.checkpoint(first_number, params, seed)
+        checkpoint = self.checkpoint(record.first_number, params, record.seed)
         try:
-            run_trial(self.family, params, parts, self.config, self.device, seed, on_epoch=on_epoch,
+            run_trial(self.family, params, parts, self.config, self.device, record.seed, on_epoch=on_epoch,
                       on_start=on_start, checkpoint=checkpoint)
         finally:
             if checkpoint is not None and checkpoint.restored_epochs:
-                trial.set_user_attr("resumed_after_epoch", checkpoint.restored_epochs)
-        return self._completed(trial, history, f"completed {epochs} epochs")
+                record.resumed_after_epoch = checkpoint.restored_epochs
+        return self._completed(record, f"completed {epochs} epochs")
 
     @staticmethod
-    def _completed(trial: optuna.Trial, history: list[dict[str, float]], how: str) -> Outcome:
+    def _completed(record: TrialRecord, how: str) -> Outcome:
         """A trial that ran to its end, or to the deadline: its value is its best epoch's validation accuracy."""
-        best = max(history, key=lambda h: h["val_accuracy"])
-        trial.set_user_attr("best_epoch", int(best["epoch"]))
-        return Outcome(TrialState.COMPLETE, best["val_accuracy"], f"{how}; best at epoch {int(best['epoch'])}")
+        best = record.best
+        record.best_epoch = best.epoch
+        return Outcome(TrialState.COMPLETE, best.val_accuracy, f"{how}; best at epoch {best.epoch}")
 
 
 @contextlib.contextmanager
@@ -200,21 +205,24 @@ def _unless_already_finished(log: Callable[[str], None], trial: optuna.Trial) ->
         log(f"[#{trial.number}] was already failed as stale (missed heartbeats) and queued again; result dropped")
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, seconds: float) -> None:
-    trial.set_user_attr("reason", outcome.reason)
-    trial.set_user_attr("seconds", seconds)
+def _tell(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, outcome: Outcome, seconds: float) -> None:
+    """Store the finished trial's record (one write), then its state and value."""
+    record.reason, record.seconds = outcome.reason, seconds
+    record.save(trial)
     if outcome.state == TrialState.COMPLETE:
         study.tell(trial, outcome.value)
     else:
         study.tell(trial, state=outcome.state)
 
 
-def _requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+def _requeue(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, reason: str) -> None:
     """Fail an interrupted trial with its reason and queue the same params and seed to run again."""
-    trial.set_user_attr("reason", reason)
+    record.reason = reason
+    record.save(trial)
     study.tell(trial, state=TrialState.FAIL)
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("seed", "first_number", "reference")}
-    study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+    again = TrialRecord(seed=record.seed, first_number=record.first_number, reference=record.reference,
+                        warm_start=record.warm_start, retry_of=trial.number)
+    study.enqueue_trial(trial.params, user_attrs=again.user_attrs())
 
 
 def work(
@@ -227,11 +235,14 @@ def work(
     checkpoint_dir: Path | None = None,
     log: Callable[[str], None] = print,
     seed_offset: int | None = None,
+    trackers: Tracker | None = None,
 ) -> dict[str, int]:
     """Run trials of each study in turn until its budget of finished trials is met or `stop` is set.
 
-    Returns the number of trials this worker finished per study.
+    Each trial's params, curves, state and reason also go to `trackers` (experiment trackers), which never fail
+    a trial. Returns the number of trials this worker finished per study.
     """
+    trackers = trackers or Trackers({}, log)
     done: dict[str, int] = {}
     for name in study_names:
         study, settings = load_for_work(storage, name, seed_offset)
@@ -257,29 +268,33 @@ def work(
             if trial is None:
                 time.sleep(POLL_SECONDS)  # the rest is running elsewhere; stay to re-run it if a worker dies
                 continue
-            runner = runner or StudyWork(study, settings, config, device, stop, checkpoint_dir, log)
+            runner = runner or StudyWork(study, settings, config, device, stop, checkpoint_dir, log, trackers)
+            record = TrialRecord.load(trial).queued(trial.number)  # what it was queued with, if anything
             started = time.perf_counter()
             try:
-                with heartbeat(storage, trial):
-                    outcome = runner.run(trial, deadline)
+                with heartbeat(storage, study, trial):
+                    outcome = runner.run(trial, record, deadline)
             except StopRequested as stopped:
                 with _unless_already_finished(log, trial):
-                    _requeue(study, trial, str(stopped))
+                    _requeue(study, trial, record, str(stopped))
+                trackers.trial_finished(name, trial.number, "fail", None, str(stopped))
                 log(f"[{name} #{trial.number}] {stopped}")
                 break
             except DataError as error:
                 with _unless_already_finished(log, trial):
-                    _requeue(study, trial, f"not run: {error}")
+                    _requeue(study, trial, record, f"not run: {error}")
+                trackers.trial_finished(name, trial.number, "fail", None, f"not run: {error}")
                 study.set_user_attr(ENDED_ATTR, f"worker left: {error}")
                 log(f"[{name}] this worker leaves the study: {error}")
                 break
             except BaseException:
                 with _unless_already_finished(log, trial):
-                    _requeue(study, trial, "worker stopped during the trial; queued again")
+                    _requeue(study, trial, record, "worker stopped during the trial; queued again")
                 raise
             seconds = time.perf_counter() - started
             with _unless_already_finished(log, trial):
-                _tell(study, trial, outcome, seconds)
+                _tell(study, trial, record, outcome, seconds)
+            trackers.trial_finished(name, trial.number, outcome.state.name.lower(), outcome.value, outcome.reason)
             log(f"[{name} #{trial.number}] {outcome.state.name.lower()}"
                 + (f" {outcome.value:.2%}" if outcome.value is not None else "")
                 + f" ({outcome.reason}; {seconds:.1f}s)")

@@ -19,6 +19,7 @@ from search.storage import open_storage
 from search.studies import ENDED_ATTR, set_deadlines
 from search.warmstart import fit_to_space
 from search.worker import work
+from search.records import TrialRecord
 
 CPU = torch.device("cpu")
 
@@ -56,10 +57,10 @@ def test_a_deadline_stops_the_running_trial_at_its_next_epoch_as_a_result_and_st
     done, lines = _work(tiny_search, url)
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 1 and trials[0].state == TrialState.COMPLETE  # a result at fewer epochs, not pruned
-    history = trials[0].user_attrs["history"]
-    assert [row["epoch"] for row in history] == [1, 2, 3]  # stopped at the first epoch boundary past the deadline
-    assert trials[0].value == max(row["val_accuracy"] for row in history)
-    assert trials[0].user_attrs["reason"].startswith("time budget: stopped after epoch 3 of 2000")
+    history = TrialRecord.load(trials[0]).history
+    assert [row.epoch for row in history] == [1, 2, 3]  # stopped at the first epoch boundary past the deadline
+    assert trials[0].value == max(row.val_accuracy for row in history)
+    assert TrialRecord.load(trials[0]).reason.startswith("time budget: stopped after epoch 3 of 2000")
     assert done == {"logreg": 1}
     assert study.user_attrs[ENDED_ATTR] == "time budget reached"
     assert any("time budget reached" in line for line in lines)
@@ -79,7 +80,7 @@ def test_best_retrains_a_trial_the_clock_stopped_and_says_so(tiny_search, monkey
     captured = capsys.readouterr()
     assert "was stopped by the time budget after epoch 3 of 40" in captured.err
     result = optuna.load_study(study_name="logreg", storage=open_storage(url)).user_attrs["best_result"]
-    assert result["trial"] == trial.number and result["epochs"] == trial.user_attrs["best_epoch"] <= 3
+    assert result["trial"] == trial.number and result["epochs"] == TrialRecord.load(trial).best_epoch <= 3
     assert result["retrained_val_accuracy"] == pytest.approx(trial.value)  # the same schedule, cut at the best epoch
 
 
@@ -151,9 +152,9 @@ def test_every_trial_records_its_wall_seconds_and_device(tiny_search) -> None:
     tiny_search.create(url, 2)
     _work(tiny_search, url)
     for trial in tiny_search.trials(url):
-        assert trial.user_attrs["device"] == "cpu"
-        assert trial.user_attrs["seconds"] > 0
-        assert trial.user_attrs["trainable_parameters"] == 3 * 16 * 16 * 4 + 4
+        assert TrialRecord.load(trial).device == "cpu"
+        assert TrialRecord.load(trial).seconds > 0
+        assert TrialRecord.load(trial).trainable_parameters == 3 * 16 * 16 * 4 + 4
 
 
 # --- warm starts -------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_a_warm_started_study_runs_the_earlier_studys_best_settings_first(tiny_s
         expected = {k: v for k, v in source.params.items()}
         expected["lr"] = min(max(expected["lr"], 1e-4), 1e-3)
         assert trial.system_attrs["fixed_params"] == expected
-        assert trial.user_attrs["warm_start"].endswith(f"#logreg trial #{source.number}")
+        assert TrialRecord.load(trial).warm_start.endswith(f"#logreg trial #{source.number}")
     if any(not 1e-4 <= t.params["lr"] <= 1e-3 for t in ranked[:2]):
         assert "lr" in err and "clipped" in err
     _work(tiny_search, url)

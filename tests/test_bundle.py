@@ -25,6 +25,7 @@ from search.cli import main
 from search.errors import UserError
 from search.family import get_family
 from search.predict import Preprocess, predict
+from search.records import BestResult
 
 TINY_FAMILY = '''
 from torch import nn
@@ -343,7 +344,7 @@ def test_a_fresh_process_without_this_project_predicts_what_best_tested(exported
     bundle = exported["folder"] / "bundles" / name
     assert re.search(rf"^{name}: bundle {re.escape(str(bundle))} \(model.safetensors [\d.]+ MB, model.pt2 [\d.]+ MB, "
                      rf"model.onnx [\d.]+ MB; test accuracy [\d.]+%\) in [\d.]+s$", exported["printed"], re.MULTILINE)
-    stored = optuna.load_study(study_name=name, storage=exported["url"]).user_attrs["best_result"]
+    stored = BestResult.load(optuna.load_study(study_name=name, storage=exported["url"])).to_json()
     listing = list_imagefolder(tiny_imagefolder, "test")
     paths = [str(tiny_imagefolder / "test" / f) for f in listing.files]
 

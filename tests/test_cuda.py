@@ -32,6 +32,7 @@ from search.storage import open_storage
 from search.training import autocast_dtype
 from search.trial import Checkpoint, Interrupted, run_trial
 from search.worker import work
+from search.records import TrialRecord
 
 ON_CPU = os.environ.get("STL10_SEARCH_CUDA_TESTS_ON_CPU") == "1"
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU), reason="needs a CUDA GPU")]
@@ -95,8 +96,8 @@ def test_two_workers_on_one_gpu_share_the_budget_exactly_and_best_tests_on_it(ti
     trials = tiny_search.trials(url, "cnn")
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 6
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL)]
-    assert {t.user_attrs["device"] for t in trials} == {"cuda:0" if device.type == "cuda" else "cpu"}
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    assert {TrialRecord.load(t).device for t in trials} == {"cuda:0" if device.type == "cuda" else "cpu"}
+    assert len({TrialRecord.load(t).worker for t in trials}) == 2  # both workers took trials
     assert "out of memory" not in logs.lower() and "Traceback" not in logs
 
     assert main(["best", "--model", "cnn", "--storage", url, "--device", str(device),

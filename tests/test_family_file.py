@@ -15,6 +15,7 @@ import torch
 from conftest import REPO_ROOT
 from search.errors import UserError
 from search.family import families, get_family, load_family_file
+from search.records import TrialRecord
 
 TINY_FAMILY = '''
 from torch import nn
@@ -67,7 +68,7 @@ def test_a_family_file_is_searched_by_workers_then_retrained_and_reported(family
     assert searched.returncode == 0, searched.stderr + logs
     trials = optuna.load_study(study_name="tinynet", storage=url).get_trials()
     assert sum(t.state.is_finished() for t in trials) == 2
-    assert {t.user_attrs["trainable_parameters"] for t in trials} <= {(3 * 9 + 1) * c + (c + 1) * 4 for c in range(4, 17)}
+    assert {TrialRecord.load(t).trainable_parameters for t in trials} <= {(3 * 9 + 1) * c + (c + 1) * 4 for c in range(4, 17)}
 
     tested = _cli("best", "--model", "tinynet", "--storage", url, "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr  # no --family-file: the study names its file
@@ -178,7 +179,7 @@ def test_a_trial_whose_setting_gives_the_wrong_output_width_fails_with_that_reas
          log=lambda line: None)
     trial = optuna.load_study(study_name="widenet", storage=url).get_trials()[0]
     assert trial.state == optuna.trial.TrialState.FAIL
-    assert re.search(r"outputs \[(\d+), 7\] for a batch of \1, expected \[\1, 4\]", trial.user_attrs["reason"])
+    assert re.search(r"outputs \[(\d+), 7\] for a batch of \1, expected \[\1, 4\]", TrialRecord.load(trial).reason)
 
 
 PRETRAINED_FAMILY = TINY_FAMILY.replace('''def build(params, num_classes, image_size, weights):

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from search.errors import UserError
 from search.storage import exclusive_worker, open_storage
+from search.records import TrialRecord
 
 POSTGRES_ENV = "STL10_SEARCH_TEST_POSTGRES_URL"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,13 +107,13 @@ def test_a_journal_worker_fails_and_queues_again_the_trial_a_killed_worker_left_
     study = optuna.create_study(study_name="s", storage=open_storage(url))
     trial = study.ask()
     x = trial.suggest_float("x", 0.0, 1.0)
-    trial.set_user_attr("seed", 7)  # then its worker is killed: a journal has no heartbeat to notice
+    TrialRecord(seed=7).save(trial)  # then its worker is killed: a journal has no heartbeat to notice
     storage = open_storage(url)
     with exclusive_worker(storage, ["s", "not-created-yet"]):
         trials = optuna.load_study(study_name="s", storage=storage).get_trials()
         assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
         assert trials[1].params == {"x": x}
-        assert trials[1].user_attrs == {"seed": 7}
+        assert TrialRecord.load(trials[1]).seed == 7
         assert trials[1].system_attrs["failed_trial"] == 0
     assert len(optuna.load_study(study_name="s", storage=open_storage(url)).trials) == 2  # nothing more on exit
 
@@ -214,7 +215,7 @@ def test_a_killed_worker_s_trial_is_run_again_and_the_budget_stays_exact(tiny_se
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [victim.number]
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry.state in FINISHED
-    assert retry.params == victim.params and retry.user_attrs["seed"] == victim.user_attrs["seed"]
+    assert retry.params == victim.params and TrialRecord.load(retry).seed == TrialRecord.load(victim).seed
     assert sum(t.state in FINISHED for t in trials) == 2
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
@@ -236,21 +237,21 @@ def test_ctrl_c_mid_trial_queues_it_again_and_a_checkpoint_resumes_it(tiny_searc
     assert "SIGINT received" in output and "worker finished: logreg 0 trial(s)" in output.replace(prefix, "")
     interrupted, queued = study.get_trials(deepcopy=False)
     assert interrupted.state == TrialState.FAIL and queued.state == TrialState.WAITING
-    assert interrupted.user_attrs["reason"].startswith("interrupted after epoch")
-    done_before = len(interrupted.user_attrs["history"])
+    assert TrialRecord.load(interrupted).reason.startswith("interrupted after epoch")
+    done_before = len(TrialRecord.load(interrupted).history)
     assert (tiny_search.folder / "ckpt").exists() == checkpoints
 
     _finish(tiny_search, tiny_search.start_worker(url, *extra, name="second"), "second")
     rerun = study.get_trials(deepcopy=False)[1]
-    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["seed"] == interrupted.user_attrs["seed"]
-    history = rerun.user_attrs["history"]
-    assert [row["epoch"] for row in history] == list(range(1, 301))
+    assert rerun.state == TrialState.COMPLETE and TrialRecord.load(rerun).seed == TrialRecord.load(interrupted).seed
+    history = TrialRecord.load(rerun).history
+    assert [row.epoch for row in history] == list(range(1, 301))
     if checkpoints:
-        assert rerun.user_attrs["resumed_after_epoch"] == done_before
-        assert history[:done_before] == interrupted.user_attrs["history"]  # the same epochs, not trained again
+        assert TrialRecord.load(rerun).resumed_after_epoch == done_before
+        assert history[:done_before] == TrialRecord.load(interrupted).history  # the same epochs, not trained again
         assert not list((tiny_search.folder / "ckpt").rglob("*.pt"))  # deleted once the trial finished
     else:
-        assert "resumed_after_epoch" not in rerun.user_attrs
+        assert TrialRecord.load(rerun).resumed_after_epoch is None
 
 
 def _copy_of(folder: Path, tmp_path: Path) -> Path:

@@ -25,7 +25,7 @@ import torch
 
 import search.launcher
 import search.progress
-from search.commands.results import _best_device
+from search.commands.results import best_device as _best_device
 from search.errors import UserError
 from search.launcher import (LAUNCHER_PID_ENV, WorkerSlot, check_worker_count, plan_workers, start_workers,
                              supervise)
@@ -150,7 +150,7 @@ def test_the_closing_summary_fits_100_columns(tmp_path: Path) -> None:
     study.set_user_attr("settings", {"n_trials": 120})
     study.set_user_attr("ended", "trial budget met (120 finished) " + "and a very long explanation " * 5)
     study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
-    text = search.launcher.summary_table([study], None)
+    text = search.launcher.summary_table(search.launcher.summary_records([study]))
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "1/120" in text and "50.00%" in text and "and a very long explanation" in text
 

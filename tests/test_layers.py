@@ -23,11 +23,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.training",),  # optimizer, schedule, loss, one epoch, one evaluation
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
     ("search.trial", "search.predict", "search.pack"),  # the one trial runner, trial packs; predictions
+    ("search.optuna_private",),  # the Optuna internals the storage layer needs, in one place
     ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart", "search.artifacts",
      "search.provenance", "search.trackers"),  # Optuna: storage, studies, records; trackers, which read records
     ("search.worker", "search.best", "search.launcher", "search.bundle"),  # running trials, retraining the best
     ("search.report", "search.dashboard"),  # what users read
-    ("search.services",),  # what each command does, for the command line and the Python API
+    ("search.services", "search.api"),  # what each command does, for the command line and the Python API
     ("search.commands", "search.cli"),  # the command line
     ("bench",),  # benchmarks, on top of everything
 ]
@@ -120,14 +121,16 @@ def test_no_command_module_imports_another() -> None:
     assert {m: sorted(graph[m] & commands) for m in commands if graph[m] & commands} == {}
 
 
-@pytest.mark.parametrize("planted, expected", [
-    ("from search.training import train_epoch\n", "search.pipeline (layer 2) imports search.training (layer 3)"),
-    ("import search.cli\n", "search.pipeline (layer 2) imports search.cli (layer 10)"),
+@pytest.mark.parametrize("planted, target", [
+    ("from search.training import train_epoch\n", "search.training"),
+    ("import search.cli\n", "search.cli"),
 ])
-def test_a_planted_upward_import_is_caught(planted: str, expected: str) -> None:
+def test_a_planted_upward_import_is_caught(planted: str, target: str) -> None:
     graph = import_graph()
     path = REPO_ROOT / "search" / "pipeline.py"
     graph["search.pipeline"] = imports_of_text(planted + path.read_text(), "search.pipeline", set(graph))
+    expected = (f"search.pipeline (layer {layer_of('search.pipeline')}) imports {target} "
+                f"(layer {layer_of(target)})")
     assert expected in upward_imports(graph)
 
 

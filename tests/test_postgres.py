@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from search.errors import UserError
 from search.storage import budget_lock, open_storage
+from search.records import TrialRecord
 
 POSTGRES_ENV = "STL10_SEARCH_TEST_POSTGRES_URL"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -68,7 +69,7 @@ def test_two_workers_finish_a_small_study_with_the_exact_budget(tiny_search, sto
     assert sum(states[s] for s in FINISHED) == budget
     assert set(states) <= set(FINISHED)
     assert sorted(t.number for t in trials) == list(range(len(trials)))
-    assert all("history" in t.user_attrs and "reason" in t.user_attrs for t in trials)
+    assert all(TrialRecord.load(t).history and TrialRecord.load(t).reason for t in trials)
 
 
 def test_budget_lock_admits_one_holder_at_a_time(storage_url: str, prefix: str) -> None:

@@ -20,6 +20,7 @@ from data.imagefolder import list_imagefolder
 from search.cli import main
 from search.errors import UserError
 from search.predict import Preprocess, predict, write_predictions
+from search.records import BestResult
 
 
 def _logreg(image_size: int, seed: int = 0) -> torch.nn.Module:
@@ -189,7 +190,7 @@ def test_predict_on_the_shared_cifar_test_folder_gives_bests_test_accuracy_exact
                  "--log-dir", str(tmp_path / "logs"), *data]) == 0
     assert main(["best", "--model", "logreg", "--storage", url, "--cache-dir", str(tmp_path / "cache"),
                  "--device", "cpu"]) == 0
-    stored = optuna.load_study(study_name="logreg", storage=url).user_attrs["best_result"]
+    stored = BestResult.load(optuna.load_study(study_name="logreg", storage=url)).to_json()
     tested = load_images("imagefolder", root, "test", 64, tmp_path / "cache")  # what best scored, from its cache
     listing = list_imagefolder(root, "test")
     assert torch.equal(Preprocess(64).read([root / "test" / f for f in listing.files])[0], tested.images)

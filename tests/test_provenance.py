@@ -37,7 +37,7 @@ def test_every_field_is_present_and_the_whole_serialises_to_json() -> None:
     assert set(found) == {"python", "packages", "git_commit", "git_dirty", "cuda", "gpus", "cpu", "threads",
                           "hostname", "platform", "command"}
     assert set(found["packages"]) == {"torch", "torchvision", "optuna", "optuna-dashboard", "stl10-search"}
-    assert found["packages"]["torch"] == importlib.metadata.version("torch")
+    assert found["packages"]["torch"] == torch.__version__  # with its build tag, e.g. 2.14.1+cu130
     assert found["python"] == ".".join(map(str, sys.version_info[:3]))
     assert found["threads"] == torch.get_num_threads() and found["cpu"] and found["hostname"]
     assert json.loads(json.dumps(found)) == found

@@ -42,7 +42,7 @@ def test_a_record_saved_on_a_trial_loads_back_whole() -> None:
 
 def test_a_queued_record_carries_its_seed_and_origin_to_the_trial_that_runs_it() -> None:
     study = optuna.create_study(direction="maximize")
-    study.enqueue_trial({"x": 1.0}, user_attrs=TrialRecord(seed=3, first_number=9, retry_of=9).queue_attrs())
+    study.enqueue_trial({"x": 1.0}, user_attrs=TrialRecord(seed=3, first_number=9, retry_of=9).user_attrs())
     trial = study.ask()
     loaded = TrialRecord.load(trial)
     assert (loaded.seed, loaded.first_number, loaded.retry_of, loaded.reference) == (3, 9, 9, False)
@@ -66,3 +66,20 @@ def test_a_study_written_by_release_0_1_0_loads(v1_storage: str) -> None:
     assert result.trial == 1 and result.test_images == 24 and result.latency_ms.keys() == {"batch_1", "batch_256"}
     assert result.provenance is None and result.bundle is None  # fields this release added
     assert BestResult.load(optuna.load_study(study_name="mlp", storage=v1_storage)) is None
+
+
+def test_best_and_report_read_a_study_written_by_release_0_1_0(v1_storage: str, tmp_path: Path, capsys) -> None:
+    from search.cli import main
+
+    assert main(["best", "--model", "logreg", "--storage", v1_storage]) == 0
+    out, err = capsys.readouterr()
+    assert "already tested; printing the stored result" in err
+    assert out.startswith("logreg: test accuracy 83.33%, test loss 4.4729 (trial #1, validation 87.50%, 3,076 parameters")
+    assert main(["report", "--storage", v1_storage, "--out", str(tmp_path / "report"), "--format", "md,json,csv"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| 9 | interrupted |" in report and "| 10 | waiting |" in report and "(hand-found)" in report
+    import json
+
+    studies = json.loads((tmp_path / "report" / "report.json").read_text())["studies"]
+    assert [len(s["trials"]) for s in studies] == [11, 4]
+    assert studies[0]["best_result"]["test_accuracy"] == pytest.approx(0.8333, abs=1e-4)

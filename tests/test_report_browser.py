@@ -27,8 +27,9 @@ def fake_study(url: str, data_root: Path, family: str = "logreg", states: str = 
 
     `tested`: a `best` result with a latency is stored. `reference`: that trial ran the hand-found setting.
     """
-    from search.best import BEST_ATTR
+    from search.records import BestResult, TrialRecord
     from search.storage import open_storage
+    from search.training import EpochMetrics
     from search.studies import StudySettings, create_or_update
 
     settings = StudySettings(family=family, n_trials=len(states), data={
@@ -38,28 +39,27 @@ def fake_study(url: str, data_root: Path, family: str = "logreg", states: str = 
     distributions = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "optimizer": CategoricalDistribution(["adam", "sgd"])}
     for number, letter in enumerate(states):
         params = {"lr": 10 ** (-4 + number * 0.5), "optimizer": ["adam", "sgd"][number % 2]}
-        history = [{"epoch": e, "train_loss": 2 - 0.2 * e, "train_accuracy": 0.2 + 0.05 * e + 0.01 * number,
-                    "val_loss": 2.1 - 0.15 * e, "val_accuracy": 0.2 + 0.04 * e + 0.01 * number, "seconds": 0.5}
-                   for e in range(1, 4)]
+        history = [EpochMetrics(e, 2 - 0.2 * e, 0.2 + 0.05 * e + 0.01 * number, 2.1 - 0.15 * e,
+                                0.2 + 0.04 * e + 0.01 * number, 0.5) for e in range(1, 4)]
         state = {"c": TrialState.COMPLETE, "p": TrialState.PRUNED, "f": TrialState.FAIL}[letter]
         reason = {"p": "pruned at epoch 1: validation accuracy 24.00%", "f": "diverged at epoch 2: training loss is nan"}
         study.add_trial(create_trial(
             params=params, distributions=distributions, state=state,
-            value=max(h["val_accuracy"] for h in history) if state == TrialState.COMPLETE else None,
-            user_attrs={"history": history if state == TrialState.COMPLETE else history[:1], "best_epoch": 3,
-                        "params": {**params, "epochs": 3, "batch_size": 64}, "seed": number,
-                        "reason": reason.get(letter, "completed 3 epochs; best at epoch 3"),
-                        "trainable_parameters": size * (1 + number % 3), "seconds": 1.5 + number,
-                        **({"reference": True} if number == reference else {})}))
+            value=max(m.val_accuracy for m in history) if state == TrialState.COMPLETE else None,
+            user_attrs=TrialRecord(history=history if state == TrialState.COMPLETE else history[:1], best_epoch=3,
+                                   params={**params, "epochs": 3, "batch_size": 64}, seed=number,
+                                   reason=reason.get(letter, "completed 3 epochs; best at epoch 3"),
+                                   trainable_parameters=size * (1 + number % 3), seconds=1.5 + number,
+                                   reference=number == reference).user_attrs()))
     if not tested:
         return
     classes = ["circle", "cross", "horizontal", "vertical"]
-    study.set_user_attr(BEST_ATTR, {
-        "trial": study.best_trial.number, "val_accuracy": study.best_value, "test_loss": 0.91, "test_accuracy": 0.625,
-        "test_images": 24, "per_class_accuracy": [0.5, 0.5, 0.75, 0.75], "classes": classes,
-        "confusion_matrix": [[3, 1, 1, 1], [1, 3, 1, 1], [0, 1, 4, 1], [0, 0, 2, 4]],
-        "trainable_parameters": study.best_trial.user_attrs["trainable_parameters"], "params": {}, "seed": 3,
-        "seconds": 1.0, "full_train": False, "device": "cuda:0", "latency_ms": {"batch_1": 0.4, "batch_256": 0.01}})
+    BestResult(trial=study.best_trial.number, val_accuracy=study.best_value, retrained_val_accuracy=None, test_loss=0.91,
+               test_accuracy=0.625, test_images=24, per_class_accuracy=[0.5, 0.5, 0.75, 0.75], classes=classes,
+               confusion_matrix=[[3, 1, 1, 1], [1, 3, 1, 1], [0, 1, 4, 1], [0, 0, 2, 4]],
+               trainable_parameters=TrialRecord.load(study.best_trial).trainable_parameters, params={}, epochs=3,
+               seed=3, seconds=1.0, full_train=False, device="cuda:0",
+               latency_ms={"batch_1": 0.4, "batch_256": 0.01}).save(study)
 
 
 def test_report_renders_in_chromium(tiny_imagefolder: Path, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def add_study(url: str, family: str, data_root: Path, trials: list[tuple[TrialSt
 
     `result`: a stored `best` result for the best trial. `reference`: the index of the hand-found trial.
     """
-    from search.best import BEST_ATTR
+    from search.records import BestResult, TrialRecord
     from search.storage import open_storage
     from search.studies import StudySettings, create_or_update
 
@@ -64,14 +64,14 @@ def add_study(url: str, family: str, data_root: Path, trials: list[tuple[TrialSt
         study.add_trial(create_trial(
             params={"lr": lr}, distributions={"lr": FloatDistribution(1e-5, 1e-1, log=True)}, state=state,
             value=value, intermediate_values={1: PRUNED_AT[size]} if state == TrialState.PRUNED else {},
-            user_attrs={"params": {"lr": lr, "epochs": 3}, "trainable_parameters": size, "best_epoch": 3,
-                                     "reason": "pruned at epoch 1" if state == TrialState.PRUNED else "completed",
-                                     **({"reference": True} if number == reference else {})}))
+            user_attrs=TrialRecord(params={"lr": lr, "epochs": 3}, trainable_parameters=size, best_epoch=3,
+                                   reason="pruned at epoch 1" if state == TrialState.PRUNED else "completed",
+                                   reference=number == reference).user_attrs()))
     if result is not None:
-        study.set_user_attr(BEST_ATTR, {"trial": study.best_trial.number, "val_accuracy": study.best_value,
-                                        "test_loss": 1.0, "test_images": 24, "classes": ["a", "b"],
-                                        "per_class_accuracy": [0.5, 0.5], "confusion_matrix": [[6, 6], [6, 6]],
-                                        "params": {}, "full_train": False, "device": "cuda:0", **result})
+        BestResult(**{"trial": study.best_trial.number, "val_accuracy": study.best_value, "retrained_val_accuracy": None,
+                      "test_loss": 1.0, "test_images": 24, "classes": ["a", "b"], "per_class_accuracy": [0.5, 0.5],
+                      "confusion_matrix": [[6, 6], [6, 6]], "params": {}, "epochs": 3, "seed": 0, "seconds": 1.0,
+                      "full_train": False, "device": "cuda:0", **result}).save(study)
     return study
 
 
@@ -140,7 +140,7 @@ def test_reference_row_and_markdown(three_models: str) -> None:
     from search.report.markdown import render_markdown
 
     reports = collect(optuna.storages.RDBStorage(three_models))
-    text = render_markdown(reports, ["header"], {})
+    text = render_markdown(reports, "a report", ["header"], {})
     tradeoff = text.index("## Accuracy, size and latency across models")
     assert tradeoff < text.index("## Summary") and "| CNN | #1 | 61.50% test | 80,000 | 0.8 / 0.03 |" in text
     assert "Smallest model within 1 point of the best" in text
@@ -150,7 +150,7 @@ def test_reference_row_and_markdown(three_models: str) -> None:
     section = text[text.index("### Hand-found setting against the searched best"):]
     for row in ("| trial | #0 | #2 |  |", "| state | pruned | complete |  |", "| val acc | pruned | 41.00% |  |",
                 "| test acc | - | - |  |", "| trainable params | 2,000,000 | 3,000,000 |  |",
-                "| reason | pruned at epoch 1 |  |  |", "| epochs | 3 | 3 |  |", "| lr | 0.0001 | 0.001 | changed |"):
+                "| why it ended | pruned at epoch 1 |  |  |", "| epochs | 3 | 3 |  |", "| lr | 0.0001 | 0.001 | changed |"):
         assert row in section, row
     assert "| 0 (hand-found) | pruned |" in section  # and the trials table names it
 
@@ -183,7 +183,7 @@ def test_without_latency_or_completed_trials(tmp_path: Path) -> None:
     only_pruned = tradeoff_figure(reports)
     assert [t.marker.symbol for t in only_pruned.data if t.mode == "markers"] == ["circle-open"]
     assert smallest_line(reports) == "No model has a completed trial with a parameter count yet."
-    assert "No model has a completed trial with a parameter count yet." in render_html(reports, [], {})
+    assert "No model has a completed trial with a parameter count yet." in render_html(reports, "a report", [], {})
     assert tradeoff_figure([]) is None  # no study at all: no figure
 
     add_study(url, "logreg", tmp_path, [(TrialState.COMPLETE, 0.3, 12_290)],

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from search.cli import main
+from search.records import BestResult, TrialRecord
 
 TEST_LINE = re.compile(r"^(\S+): test accuracy ([\d.]+%), test loss ([\d.]+)", re.MULTILINE)
 
@@ -58,11 +59,11 @@ def test_best_stores_result_and_weights(tested: dict) -> None:
     import optuna
 
     study = optuna.load_study(study_name="logreg", storage=tested["url"])
-    result = study.user_attrs["best_result"]
+    result = BestResult.load(study).to_json()
     assert f"{result['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
     assert result["trial"] == study.best_trial.number
-    assert result["epochs"] == study.best_trial.user_attrs["best_epoch"]  # retrained to the epoch validation chose
-    assert result["params"] == study.best_trial.user_attrs["params"]  # on the trial's own schedule
+    assert result["epochs"] == TrialRecord.load(study.best_trial).best_epoch  # retrained to the epoch validation chose
+    assert result["params"] == TrialRecord.load(study.best_trial).params  # on the trial's own schedule
     assert set(result["latency_ms"]) == {"batch_1", "batch_256"} and all(v > 0 for v in result["latency_ms"].values())
     assert set(result["latency_iqr_ms"]) == {"batch_1", "batch_256"} and result["latency_threads"] >= 1
     assert len(result["confusion_matrix"]) == len(result["classes"]) == len(result["per_class_accuracy"]) == 4
@@ -113,7 +114,7 @@ def test_best_saves_the_cross_model_plot_on_every_study(tested: dict) -> None:
 def test_retraining_reproduces_the_trial_on_the_cpu(tested: dict) -> None:
     import optuna
 
-    result = optuna.load_study(study_name="logreg", storage=tested["url"]).user_attrs["best_result"]
+    result = BestResult.load(optuna.load_study(study_name="logreg", storage=tested["url"])).to_json()
     assert result["retrained_val_accuracy"] == result["val_accuracy"]
 
 
@@ -129,7 +130,7 @@ def test_full_train_retrains_on_train_and_validation(searched: dict, tmp_path: P
     code = main(["best", "--model", "logreg", "--full-train", "--storage", url, "--cache-dir", searched["cache"]])
     assert code == 0
     assert "on train+validation" in capsys.readouterr().err
-    result = optuna.load_study(study_name="logreg", storage=url).user_attrs["best_result"]
+    result = BestResult.load(optuna.load_study(study_name="logreg", storage=url)).to_json()
     assert result["full_train"] is True and sum(map(sum, result["confusion_matrix"])) == 24
 
 
@@ -141,6 +142,16 @@ def test_best_twice_prints_the_stored_result(tested: dict, capsys: pytest.Captur
     assert "already tested" in err and "retraining" not in err
     assert {m[0]: (m[1], m[2]) for m in TEST_LINE.findall(out)} == tested["printed"]
     assert sorted((Path(tested["folder"]) / "artifacts").iterdir()) == artifacts  # no new weights
+
+
+def test_best_as_json_gives_each_stored_result(tested: dict, capsys: pytest.CaptureFixture) -> None:
+    code = main(["best", "--model", "logreg", "--storage", tested["url"], "--cache-dir", tested["cache"], "--json",
+                 "-q"])
+    out, err = capsys.readouterr()
+    (entry,) = json.loads(out)
+    assert code == 0 and err == "" and (entry["study"], entry["retrained"]) == ("logreg", False)
+    assert f"{entry['result']['test_accuracy']:.2%}" == tested["printed"]["logreg"][0]
+    assert entry["result"]["version"] == 2 and entry["result"]["latency_ms"]
 
 
 def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixture) -> None:
@@ -190,6 +201,27 @@ def test_report_files_agree_with_best(tested: dict, capsys: pytest.CaptureFixtur
     assert [(r["study"], r["state"]) for r in rows if r["reference"] == "True"] == [("logreg", "complete"),
                                                                                       ("mlp", "waiting")]
     assert "param_lr" in rows[0]
+
+    with (out_dir / "summary.csv").open() as file:
+        summary = {row["study"]: row for row in csv.DictReader(file)}
+    assert f"{float(summary['logreg']['test_accuracy']):.2%}" == accuracy  # numbers, not "47.22%"
+    assert float(summary["logreg"]["search_seconds"]) >= 0 and int(summary["logreg"]["parameters"]) > 0
+    assert (summary["mlp"]["finished"], summary["mlp"]["trial_budget"], summary["mlp"]["test_accuracy"]) == ("0", "3", "")
+
+
+def test_the_report_header_names_the_dataset_and_what_ran_the_search(tested: dict, tmp_path: Path,
+                                                                      tiny_imagefolder: Path) -> None:
+    import importlib.metadata
+
+    assert main(["report", "--out", str(tmp_path), "--format", "md,html", "--storage", tested["url"]]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith(f"# {tiny_imagefolder.name} hyperparameter search report\n")  # not always STL-10
+    header = markdown.split("## ")[0]
+    assert f"torch {torch.__version__}" in header and f"optuna {importlib.metadata.version('optuna')}" in header
+    assert "Search code: git commit " in header or "Search code: not a git checkout" in header
+    assert "Search machine: CPU " in header and f"{torch.get_num_threads()} thread(s)" in header
+    assert "Search command: " in header and " search --model logreg,mlp" in header
+    assert f"<title>{tiny_imagefolder.name} hyperparameter search report</title>" in (tmp_path / "report.html").read_text()
 
 
 def test_report_format_subset(tested: dict, tmp_path: Path) -> None:
@@ -255,11 +287,10 @@ def test_a_cpu_retrain_uses_the_trials_thread_count(searched: dict) -> None:
     from search.best import same_threads
 
     trial = optuna.load_study(study_name="logreg", storage=searched["url"]).best_trial
-    assert trial.user_attrs["threads"] == torch.get_num_threads()  # the worker recorded its own
-    other = optuna.trial.create_trial(value=0.5, user_attrs={"threads": 2})
+    assert TrialRecord.load(trial).threads == torch.get_num_threads()  # the worker recorded its own
     before = torch.get_num_threads()
-    with same_threads(other, torch.device("cpu")):
+    with same_threads(2, torch.device("cpu")):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
-    with same_threads(other, torch.device("meta")):  # a GPU run is not made deterministic by threads
+    with same_threads(2, torch.device("meta")):  # a GPU run is not made deterministic by threads
         assert torch.get_num_threads() == before

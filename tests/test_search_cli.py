@@ -200,3 +200,47 @@ def test_common_flags_take_their_defaults_from_the_environment(monkeypatch) -> N
     args = build_parser().parse_args(["best"])
     assert (args.device, str(args.cache_dir), str(args.data_root)) == ("cpu", "/tmp/cache-from-env", "/tmp/data-from-env")
     assert build_parser().parse_args(["best", "--device", "cuda:1"]).device == "cuda:1"  # a flag wins
+
+
+COMMANDS = ["train --model logreg", "space", "search", "worker --model logreg", "best", "track --track tensorboard",
+            "report", "dashboard", "export", "predict", "run"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_quiet_and_verbose(command: str) -> None:
+    from search.cli import build_parser
+
+    for flag, attribute in (("-q", "quiet"), ("--quiet", "quiet"), ("-v", "verbose"), ("--verbose", "verbose")):
+        assert getattr(build_parser().parse_args([*command.split(), flag]), attribute) is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command.split(), "-q", "-v"])  # one or the other
+
+
+def test_verbose_shows_the_traceback_behind_a_one_line_error(capsys) -> None:
+    assert main(["best", "--storage", "postgresql://u:secret@host:port/db", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("stl10-search: error:")
+    assert main(["best", "--storage", "postgresql://u:secret@host:port/db"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_space_as_json_lists_every_parameter_of_each_model(capsys) -> None:
+    import json
+
+    assert main(["space", "--model", "logreg,cnn", "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)
+    assert [m["model"] for m in models] == ["logreg", "cnn"]
+    lr = next(p for p in models[0]["parameters"] if p["parameter"] == "lr")
+    assert (lr["low"], lr["high"], lr["log"], lr["reference"]) == (1e-5, 3e-2, True, 1e-4)
+    optimizer = next(p for p in models[1]["parameters"] if p["parameter"] == "optimizer")
+    assert optimizer["choices"] == ["adam", "adamw", "sgd", "rmsprop"] and not optimizer["conditional"]
+    assert next(p for p in models[1]["parameters"] if p["parameter"] == "channels_4")["conditional"]
+
+
+def test_a_completion_script_for_bash_names_the_commands_and_their_flags(capsys) -> None:
+    pytest.importorskip("shtab")
+    with pytest.raises(SystemExit) as exited:
+        main(["--print-completion", "bash"])
+    script = capsys.readouterr().out
+    assert exited.value.code == 0 and "complete" in script
+    assert all(word in script for word in ("search", "best", "--model", "--time-budget", "--track"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -32,8 +31,9 @@ import torch
 from optuna.trial import TrialState
 
 from search.cli import main
-from search.errors import StorageReadOnly, StorageUnavailable
+from search.errors import StorageUnavailable
 from search.storage import open_storage
+from search.records import BestResult, TrialRecord
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "STL10_SEARCH_TEST_POSTGRES_URL"
@@ -265,7 +265,7 @@ def test_a_warm_start_reads_a_source_on_a_read_only_mount(finished: dict, tmp_pa
                  "--warm-start", f"{_url(kind, source)}#logreg", "--warm-start-k", "2", *finished["data"]])
     assert code == 0, capsys.readouterr().err
     queued = optuna.load_study(study_name="logreg", storage=open_storage(url)).get_trials(states=(TrialState.WAITING,))
-    assert len(queued) == 2 and all("warm_start" in t.user_attrs for t in queued)
+    assert len(queued) == 2 and all(TrialRecord.load(t).warm_start for t in queued)
 
 
 def _dashboard_answers(url: str, prefix: list[str] | None = None) -> tuple[list[dict], dict, bytes]:
@@ -425,7 +425,7 @@ def test_a_worker_meeting_a_full_disk_stops_and_its_trial_runs_again(tiny_search
         optuna.storages.fail_stale_trials(study)
     trials = study.get_trials()
     first = trials[0]
-    assert first.state == TrialState.FAIL and "invalid parameters" not in str(first.user_attrs.get("reason"))
+    assert first.state == TrialState.FAIL and "invalid parameters" not in str(TrialRecord.load(first).reason)
     queued = [t.params or t.system_attrs.get("fixed_params") for t in trials if t.state == TrialState.WAITING]
     assert queued == [first.params]
     assert work(storage, ["logreg"], torch.device("cpu"), threading.Event(), log=lambda message: None) == {"logreg": 2}
@@ -511,43 +511,16 @@ def test_best_force_replaces_the_study_weights(finished: dict, tmp_path: Path, c
     kind = finished["kind"]
     folder = _copy(finished["folder"], tmp_path)
     url = _url(kind, folder)
-    first = _weights_study(folder, kind).user_attrs["best_result"]
+    first = BestResult.load(_weights_study(folder, kind)).to_json()
     assert main(["best", "--force", "--storage", url, "--cache-dir", finished["cache"]]) == 0, capsys.readouterr().err
     study = _weights_study(folder, kind)
-    second = study.user_attrs["best_result"]
+    second = BestResult.load(study).to_json()
     assert second["artifact_id"] == first["artifact_id"]
     assert [p.name for p in (folder / "artifacts").iterdir()] == [second["artifact_id"]]
     metas = optuna.artifacts.get_all_artifact_meta(study)
     assert [(m.artifact_id, m.filename) for m in metas] == [(second["artifact_id"], second["artifact_file"])]
     weights = torch.load(folder / "artifacts" / second["artifact_id"], weights_only=True)
     assert set(weights) and all(isinstance(v, torch.Tensor) for v in weights.values())
-
-
-def test_a_registered_artifact_reads_back_through_optuna_and_the_dashboard(tmp_path: Path) -> None:
-    """Registering needs Optuna's private attribute format: this fails loudly if Optuna changes it."""
-    from wsgiref.util import setup_testing_defaults
-
-    from optuna_dashboard import wsgi
-
-    from search.artifacts import WeightsStore, register_study_artifact
-
-    storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}")
-    study = optuna.create_study(study_name="s", storage=storage)
-    store = WeightsStore(tmp_path / "artifacts")
-    artifact_id = str(uuid.uuid4())  # the dashboard's route takes hexadecimal ids with dashes only
-    store.write(artifact_id, io.BytesIO(b"the weights"))
-    register_study_artifact(study, artifact_id, "s-trial3.pt")
-    register_study_artifact(study, artifact_id, "s-trial4.pt")  # again: replaced, not added
-    metas = optuna.artifacts.get_all_artifact_meta(study)
-    assert [(m.artifact_id, m.filename) for m in metas] == [(artifact_id, "s-trial4.pt")]
-    optuna.artifacts.download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(tmp_path / "d"))
-    assert (tmp_path / "d").read_bytes() == b"the weights"
-
-    environ: dict = {"PATH_INFO": f"/artifacts/{study._study_id}/{artifact_id}"}
-    setup_testing_defaults(environ)
-    answer: list = []
-    body = b"".join(wsgi(storage, artifact_store=store)(environ, lambda status, *_: answer.append(status)))
-    assert answer[0].startswith("200") and body == b"the weights"
 
 
 def test_a_checkpoint_that_cannot_be_written_warns_with_the_os_reason(tmp_path: Path, caplog) -> None:

@@ -374,7 +374,13 @@ def test_a_two_trial_search_and_its_best_read_back_in_mlflow_and_tensorboard(tin
     assert (code, err) == (0, "")
     assert out == "logreg: 2 finished trial(s) and its tested best sent to mlflow:./mlruns, tensorboard:./tb\n"
 
-    study = optuna.load_study(study_name="logreg", storage=url)
+    assert_tracked(tmp_path, optuna.load_study(study_name="logreg", storage=url))
+
+
+def assert_tracked(folder: Path, study: optuna.Study) -> None:
+    """What MLflow's and TensorBoard's own readers list under FOLDER/mlruns and FOLDER/tb equals the study's
+    records: each trial's per-epoch validation accuracy, params and state, and the tested best's test accuracy."""
+    tmp_path = folder
     trials, result = finished_trials(study), BestResult.load(study)
     assert len(trials) == 2 and result is not None
     runs = mlflow_runs(tmp_path / "mlruns", "logreg")
@@ -394,3 +400,27 @@ def test_a_two_trial_search_and_its_best_read_back_in_mlflow_and_tensorboard(tin
     assert runs["best"].data.metrics["test_accuracy"] == result.test_accuracy
     assert tensorboard_run(tmp_path / "tb" / "logreg" / "best")["scalars"]["test_accuracy"] == [
         (0, pytest.approx(result.test_accuracy))]
+
+
+def test_a_worker_and_best_track_live_what_mlflow_and_tensorboard_then_list(tiny_search, tmp_path: Path,
+                                                                            clean_env: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker sends each epoch as it ends, and `best --track` its result: no replay needed."""
+    from search.storage import open_storage
+    from search.worker import work
+
+    monkeypatch.chdir(tmp_path)
+    url = tiny_search.sqlite_url
+    tiny_search.create(url, 2, "--pruner", "none")
+    specs = [parse_spec("mlflow:./mlruns"), parse_spec("tensorboard:./tb")]
+    trackers = open_trackers(specs, log=print)
+    try:
+        done = work(open_storage(url), ["logreg"], torch.device("cpu"), threading.Event(),
+                    data_overrides={"cache_dir": tiny_search.cache_dir}, log=lambda message: None, trackers=trackers)
+    finally:
+        trackers.close()
+    assert done == {"logreg": 2} and trackers.failures == 0
+    code, _, err = run_cli(["best", "--model", "logreg", "--storage", url, "--cache-dir", str(tiny_search.cache_dir),
+                            "--track", "mlflow:./mlruns", "--track", "tensorboard:./tb"])
+    assert code == 0, err
+    assert_tracked(tmp_path, optuna.load_study(study_name="logreg", storage=url))

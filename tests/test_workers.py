@@ -23,6 +23,7 @@ import search.worker
 from search.launcher import plan_workers
 from search.storage import open_storage
 from search.worker import MAX_CONSECUTIVE_FAILURES, work
+from search.records import TrialRecord
 
 CPU = torch.device("cpu")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -74,15 +75,15 @@ def test_worker_finishes_exactly_the_budget_and_records_each_trial(tiny_search) 
     assert done == {"logreg": 5}
     assert len(trials) == 5 and all(t.state in FINISHED for t in trials)
     for t in trials:
-        assert isinstance(t.user_attrs["seed"], int)
-        assert t.user_attrs["reason"]
-        history = t.user_attrs["history"]
-        assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
-        assert 1 <= len(history) <= 2 and all(0 <= row["val_accuracy"] <= 1 for row in history)
+        assert isinstance(TrialRecord.load(t).seed, int)
+        assert TrialRecord.load(t).reason
+        history = TrialRecord.load(t).history
+        assert [row.epoch for row in history] == list(range(1, len(history) + 1))
+        assert 1 <= len(history) <= 2 and all(0 <= row.val_accuracy <= 1 for row in history)
         if t.state == TrialState.COMPLETE:
-            assert t.value == max(row["val_accuracy"] for row in history)
-            assert t.user_attrs["reason"].startswith("completed 2 epochs")
-    assert len({t.user_attrs["seed"] for t in trials}) == 5
+            assert t.value == max(row.val_accuracy for row in history)
+            assert TrialRecord.load(t).reason.startswith("completed 2 epochs")
+    assert len({TrialRecord.load(t).seed for t in trials}) == 5
     assert any("loading imagefolder at 16px" in line for line in lines)
 
 
@@ -110,7 +111,7 @@ def test_a_queued_trial_in_the_last_free_slot_is_run_not_waited_for(tiny_search)
         pytest.fail("the worker waited for the queued trial instead of running it")
     (trial,) = tiny_search.trials(url)
     assert result["done"] == {"logreg": 1}
-    assert trial.state in FINISHED and trial.user_attrs["reference"] is True
+    assert trial.state in FINISHED and TrialRecord.load(trial).reference is True
     assert trial.params["optimizer"] == "adam" and trial.params["lr"] == 1e-4
 
 
@@ -131,8 +132,8 @@ def test_diverged_trial_is_pruned_with_its_reason(tiny_search, monkeypatch: pyte
     assert done == {"logreg": 2}
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     for t in trials:
-        assert t.user_attrs["reason"].startswith("diverged at epoch 1: training loss is nan")
-        assert t.user_attrs["history"] == []  # the diverged epoch is no result
+        assert TrialRecord.load(t).reason.startswith("diverged at epoch 1: training loss is nan")
+        assert TrialRecord.load(t).history == []  # the diverged epoch is no result
 
 
 def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_search, monkeypatch) -> None:
@@ -153,19 +154,19 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
     assert done == {"logreg": 0}
     interrupted, queued = tiny_search.trials(url)
     assert interrupted.state == TrialState.FAIL
-    assert interrupted.user_attrs["reason"] == "interrupted after epoch 1; queued again"
+    assert TrialRecord.load(interrupted).reason == "interrupted after epoch 1; queued again"
     assert queued.state == TrialState.WAITING
     assert queued.system_attrs["fixed_params"] == interrupted.params  # how Optuna queues a trial's params
-    assert queued.user_attrs["seed"] == interrupted.user_attrs["seed"]
-    assert queued.user_attrs["retry_of"] == interrupted.number
+    assert TrialRecord.load(queued).seed == TrialRecord.load(interrupted).seed
+    assert TrialRecord.load(queued).retry_of == interrupted.number
     assert any("interrupted after epoch 1" in line for line in lines)
-    from search.launcher import summary_table
+    from search.launcher import summary_records, summary_table
     from search.studies import counts_of
 
     counts = counts_of([interrupted, queued])
     assert (counts.failed, counts.interrupted, counts.waiting) == (0, 1, 1)  # a Ctrl-C is no failed setting
     study = optuna.load_study(study_name="logreg", storage=open_storage(url))
-    header, row, ended = summary_table([study], study._storage).splitlines()
+    header, row, ended = summary_table(summary_records([study])).splitlines()
     assert dict(zip(header.split()[:7], row.split()[:7])) == {
         "study": "logreg", "finished": "0/2", "complete": "0", "pruned": "0", "failed": "0", "interrupted": "1",
         "queued": "1"}
@@ -176,8 +177,8 @@ def test_stop_during_training_requeues_the_trial_with_its_params_and_seed(tiny_s
     assert done == {"logreg": 2}
     assert [t.state for t in trials][0] == TrialState.FAIL and all(t.state in FINISHED for t in trials[1:])
     rerun = trials[1]
-    assert rerun.params == interrupted.params and rerun.user_attrs["seed"] == interrupted.user_attrs["seed"]
-    assert rerun.user_attrs["first_number"] == interrupted.number
+    assert rerun.params == interrupted.params and TrialRecord.load(rerun).seed == TrialRecord.load(interrupted).seed
+    assert TrialRecord.load(rerun).first_number == interrupted.number
 
 
 def test_worker_leaves_a_study_whose_trials_all_fail(tiny_search, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +192,7 @@ def test_worker_leaves_a_study_whose_trials_all_fail(tiny_search, monkeypatch: p
     trials = tiny_search.trials(url)
     assert done == {"logreg": 0}
     assert [t.state for t in trials] == [TrialState.FAIL] * MAX_CONSECUTIVE_FAILURES
-    assert all(t.user_attrs["reason"] == "failed: RuntimeError: no model today" for t in trials)
+    assert all(TrialRecord.load(t).reason == "failed: RuntimeError: no model today" for t in trials)
     assert "trials in a row failed" in lines[-1]
 
 
@@ -224,7 +225,7 @@ def test_out_of_memory_fails_the_trial_and_its_model_is_gone_when_the_memory_is_
     _work(tiny_search, url)
     trials = tiny_search.trials(url)
     assert [t.state for t in trials] == [TrialState.FAIL] * MAX_CONSECUTIVE_FAILURES
-    assert {t.user_attrs["reason"] for t in trials} == {"out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert {TrialRecord.load(t).reason for t in trials} == {"out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
     assert alive_when_freed == [False] * MAX_CONSECUTIVE_FAILURES
 
 
@@ -245,8 +246,8 @@ def test_a_hopeless_trial_is_pruned_at_an_early_epoch(tiny_search) -> None:
     assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4
     for hopeless in trials[4:]:
         assert hopeless.state == TrialState.PRUNED
-        assert re.fullmatch(r"pruned at epoch [1-5]: validation accuracy .*", hopeless.user_attrs["reason"])
-        assert len(hopeless.user_attrs["history"]) < 6  # it did not use its whole budget
+        assert re.fullmatch(r"pruned at epoch [1-5]: validation accuracy .*", TrialRecord.load(hopeless).reason)
+        assert len(TrialRecord.load(hopeless).history) < 6  # it did not use its whole budget
 
 
 @pytest.mark.parametrize("sampler, pruner, kinds", [
@@ -304,8 +305,8 @@ def test_eight_workers_on_one_sqlite_file_share_the_budget_exactly(tiny_search) 
     assert sum(_states(trials)[s] for s in FINISHED) == budget
     reported = [int(m) for output in outputs for m in re.findall(r"worker finished: logreg (\d+) trial", output)]
     assert len(reported) == workers and sum(reported) == budget
-    assert len({t.user_attrs["seed"] for t in trials}) == budget  # no trial was run twice
-    assert len({t.user_attrs["worker"] for t in trials}) > 1  # the work was shared
+    assert len({TrialRecord.load(t).seed for t in trials}) == budget  # no trial was run twice
+    assert len({TrialRecord.load(t).worker for t in trials}) > 1  # the work was shared
 
 
 def _running_mid_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -335,7 +336,7 @@ def test_sigterm_stops_a_worker_after_its_epoch_and_leaves_no_trial_running(tiny
     assert "SIGTERM received" in output and "worker finished: logreg 0 trial(s)" in output
     trials = tiny_search.trials(url)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[0].user_attrs["reason"].startswith("interrupted after epoch")
+    assert TrialRecord.load(trials[0]).reason.startswith("interrupted after epoch")
     assert trials[1].system_attrs["fixed_params"] == trials[0].params
 
 
@@ -361,3 +362,19 @@ def test_search_launches_workers_and_prints_the_summary(tiny_search, tmp_path, c
                         lines[0])
         assert re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] worker finished: logreg \d trial\(s\)", lines[-1])
     assert sum(t.state in FINISHED for t in tiny_search.trials(tiny_search.sqlite_url)) == 4
+
+
+def test_quiet_search_prints_its_summary_and_nothing_else_and_json_gives_it_as_values(tiny_search, tmp_path,
+                                                                                       capsys) -> None:
+    import json
+
+    from search.cli import main
+
+    code = main(["search", "--model", "logreg", "--n-trials", "2", "--workers", "1", "--storage",
+                 tiny_search.sqlite_url, "--param", "epochs=1", "--log-dir", str(tmp_path / "logs"), "-q", "--json",
+                 *tiny_search.data_args()])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == ""  # no progress, no "storage ..." or "starting ..." line
+    (study,) = json.loads(out)["studies"]
+    assert (study["study"], study["finished"], study["trial_budget"]) == ("logreg", 2, 2)
+    assert 0 <= study["best_val_accuracy"] <= 1 and study["ended"] == "trial budget met (2 finished)"

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -22,10 +22,47 @@ from search.trackers import TRACKERS, describe as describe_trackers, parse_spec 
 
 if TYPE_CHECKING:
     from search.pipeline import DataConfig
+    from search.services.results import BestRequest, ReportRequest, StudiesRequest
     from search.services.searching import SearchOutcome, SearchRequest, WorkerRequest
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]*")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_verbosity = NORMAL
+
+
+def set_verbosity(args: argparse.Namespace) -> None:
+    """-q: results and problems only (no progress, no informational lines); -v: Optuna's own log lines and the
+    traceback behind a one-line error too."""
+    global _verbosity
+    _verbosity = QUIET if getattr(args, "quiet", False) else VERBOSE if getattr(args, "verbose", False) else NORMAL
+
+
+def verbosity() -> int:
+    return _verbosity
+
+
+def say(message: str) -> None:
+    """An informational line on stderr; with -q only warnings and errors are shown."""
+    if _verbosity > QUIET or message.startswith(("warning", "stl10-search:", "skipped")):
+        print(message, file=sys.stderr, flush=True)
+
+
+def common_options() -> argparse.ArgumentParser:
+    """-q/--quiet and -v/--verbose, which every command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print results and problems only: no progress, "
+                                                                  "no informational lines")
+    group.add_argument("-v", "--verbose", action="store_true", help="also Optuna's own log lines, and the traceback "
+                                                                    "behind an error")
+    return common
+
+
+def add_json_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
 
 
 class Parser(argparse.ArgumentParser):
@@ -84,7 +121,8 @@ def models(args: argparse.Namespace) -> list[str]:
 def add_data_root_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--data-root", type=Path, default=path_from_environment(DATA_ROOT_ENV),
                         help="the dataset folder (default: under ~/.cache/stl10-search); for `best`, `worker` and "
-                             f"`report`, this host's copy when it is not where the study stored it (or set {DATA_ROOT_ENV})")
+                             "`report`, this host's copy when it is not where the study stored it "
+                             f"(or set {DATA_ROOT_ENV})")
 
 
 def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -175,26 +213,6 @@ def add_storage_argument(parser: argparse.ArgumentParser) -> None:
                         help="prefix of the study names (default: none, a study per model)")
 
 
-def open_existing(args: argparse.Namespace) -> tuple[Any, str]:
-    """The storage, refusing to create an empty SQLite file where the user expected their studies.
-
-    A file this process may not write (a shared result, a read-only mount) is opened read-only: report,
-    dashboard and best printing stored results work, and what would write says so in one line.
-    """
-    from search.errors import StorageReadOnly
-    from search.storage import open_storage, storage_file
-
-    url = storage_url(args)
-    path = storage_file(url)
-    if path is not None and not path.is_file():
-        raise UserError(f"no storage file {path}; run `stl10-search search` (or `run`) first, "
-                        "or pass --storage with the URL the search used")
-    try:
-        return open_storage(url), url
-    except StorageReadOnly:
-        return open_storage(url, read_only=True), url
-
-
 def storage_url(args: argparse.Namespace) -> str:
     return args.storage or from_environment(STORAGE_ENV) or DEFAULT_STORAGE
 
@@ -269,15 +287,16 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-start-k", type=int, default=5, help="how many of its best settings (default 5)")
 
 
-def quiet_optuna() -> None:
-    """Our own lines say what happens; Optuna's experimental-feature notices would only bury them."""
+def quiet_optuna(verbose: bool = False) -> None:
+    """Our own lines say what happens; Optuna's experimental-feature notices and INFO lines would only bury them
+    (-v shows its INFO lines)."""
     import warnings
 
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
 
 def search_request(args: argparse.Namespace) -> SearchRequest:
@@ -312,6 +331,7 @@ def search_request(args: argparse.Namespace) -> SearchRequest:
         oversubscribe=getattr(args, "oversubscribe", False),
         log_dir=Path(getattr(args, "log_dir", "logs")),
         track=list(getattr(args, "track", None) or []),
+        progress=verbosity() > QUIET,
     )
 
 
@@ -322,12 +342,43 @@ def worker_request(args: argparse.Namespace) -> WorkerRequest:
                          host_data=host_data_overrides(args), changes=bool(args.n_trials or args.param or args.space))
 
 
-def print_search(outcome: SearchOutcome) -> int:
-    """The search's summary on stdout and its problems on stderr; returns its exit code."""
-    import sys
+def print_search(outcome: SearchOutcome, as_json: bool = False) -> int:
+    """The search's summary on stdout (a table, or JSON) and its problems on stderr; returns its exit code."""
+    import json
 
-    if outcome.summary:
+    if as_json:
+        print(json.dumps({"studies": outcome.summary_json(), "problems": outcome.problems,
+                          "interrupted": outcome.interrupted}, indent=2))
+    elif outcome.summary:
         print(outcome.summary)
     for problem in outcome.problems:
         print(f"stl10-search: {problem}", file=sys.stderr)
     return outcome.exit_code
+
+
+def studies_request(args: argparse.Namespace) -> StudiesRequest:
+    """Which finished studies a results command works on: --storage, --study-prefix, --model, --artifacts."""
+    from search.services.results import StudiesRequest
+
+    chosen = getattr(args, "model", None)
+    return StudiesRequest(storage=storage_url(args), study_prefix=args.study_prefix,
+                          models=None if chosen is None or chosen.strip() == "all" else models(args),
+                          artifacts=getattr(args, "artifacts", None))
+
+
+def best_request(args: argparse.Namespace) -> BestRequest:
+    from search.services.results import BestRequest
+
+    if getattr(args, "family_file", None):
+        models(args)  # register the families of --family-file
+    return BestRequest(**vars(studies_request(args)), full_train=args.full_train, force=getattr(args, "force", False),
+                       device=args.device if hasattr(args, "device") else "auto", host_data=host_data_overrides(args),
+                       track=list(getattr(args, "track", None) or []))
+
+
+def report_request(args: argparse.Namespace) -> ReportRequest:
+    from search.report import parse_formats
+    from search.services.results import ReportRequest
+
+    formats = parse_formats(args.format) if getattr(args, "format", None) else None
+    return ReportRequest(**vars(studies_request(args)), out=Path(args.out), formats=formats, cache_dir=args.cache_dir)

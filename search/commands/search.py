@@ -7,13 +7,13 @@ import signal
 import threading
 import time
 
-from search.commands.options import print_search, search_request, worker_request
+from search.commands.options import print_search, say, search_request, worker_request
 from search.launcher import watch_launcher
 from search.services.searching import run_worker as serve, search
 
 
 def run_search(args: argparse.Namespace) -> int:
-    return print_search(search(search_request(args)))
+    return print_search(search(search_request(args), say), args.json)
 
 
 def run_worker(args: argparse.Namespace) -> int:

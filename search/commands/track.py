@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import optuna
 
-from search.commands.options import models, storage_url
+from search.commands.options import models, say, storage_url
 from search.errors import UserError
 from search.records import BestResult
 from search.storage import open_storage, redact, storage_file
 from search.studies import existing_study_names, load_stored_families, study_name
 from search.trackers import open_trackers, replay
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_track(args: argparse.Namespace) -> int:
@@ -36,7 +31,7 @@ def run_track(args: argparse.Namespace) -> int:
     names = [n for n in names if n in existing]
     if not names:
         raise UserError(f"no stl10-search studies in storage {redact(url)}")
-    trackers = open_trackers(args.track, _log)
+    trackers = open_trackers(args.track, say)
     try:
         for name in names:
             study = optuna.load_study(study_name=name, storage=storage)

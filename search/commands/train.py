@@ -1,4 +1,4 @@
-"""`stl10-search train`: one hand-set run, the way the study worked, with a per-epoch table; and `space`."""
+"""`stl10-search train`: one hand-set run, the way the study worked, with a per-epoch table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from tqdm import tqdm
 
 from models import count_trainable, format_layer_table
-from search.commands.options import data_config, models, parse_assignments
+from search.commands.options import QUIET, data_config, models, parse_assignments, say, verbosity
 from search.errors import UserError
 from search.family import get_family
 from search.pipeline import load_parts, place, resolve_device
@@ -44,14 +44,13 @@ def run_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     started = time.perf_counter()
-    print(f"loading {config.dataset} at {size}px ...", file=sys.stderr, flush=True)
+    say(f"loading {config.dataset} at {size}px ...")
     parts = place(load_parts(config, size, with_test=args.test), device)
-    print(f"train {len(parts['train'])}, validation {len(parts['val'])}"
-          + (f", test {len(parts['test'])}" if "test" in parts else "")
-          + f" images, {len(parts['train'].classes)} classes ({time.perf_counter() - started:.1f}s); device {device}",
-          file=sys.stderr)
+    say(f"train {len(parts['train'])}, validation {len(parts['val'])}"
+        + (f", test {len(parts['test'])}" if "test" in parts else "")
+        + f" images, {len(parts['train'].classes)} classes ({time.perf_counter() - started:.1f}s); device {device}")
 
-    bar = tqdm(total=0, unit="batch", leave=False, disable=None, file=sys.stderr)
+    bar = tqdm(total=0, unit="batch", leave=False, disable=None if verbosity() > QUIET else True, file=sys.stderr)
 
     def on_start(model, source) -> None:
         print(format_layer_table(model))
@@ -76,24 +75,5 @@ def run_train(args: argparse.Namespace) -> int:
     if args.test:
         result = fit.evaluate("test", device)
         print(f"test: loss {result.loss:.4f}, accuracy {result.accuracy:.2%} ({len(parts['test'])} images)")
-    print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    return 0
-
-
-def run_space(args: argparse.Namespace) -> int:
-    """Print each family's parameters as the search sees them: what --param and --space files can change."""
-    for name in models(args):
-        family = get_family(name)
-        reference = family.resolve()
-        rows = [("parameter", "searched", "reference", "valid values", "notes")]
-        for dim in family.space:
-            valid = ", ".join(dim.allowed) if dim.named else (
-                f"{dim.limits[0]:g}..{dim.limits[1]:g}" if dim.limits else "-")
-            rows.append((dim.name, dim.describe(), str(reference.get(dim.name, "-")), valid,
-                         (dim.help + (" (conditional)" if dim.when else "")).strip()))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        print(f"{family.name}: {family.title} ({family.origin}; default budget {family.n_trials} trials)")
-        for row in rows:
-            print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
-        print()
+    say(f"done in {time.perf_counter() - started:.1f}s")
     return 0

@@ -8,6 +8,7 @@ Files written into the output folder:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from datetime import datetime
@@ -18,12 +19,14 @@ import optuna
 
 from data import DataError, load_images, printable
 from search.errors import UserError
-from search.studies import state_name, trial_params
+from search.provenance import describe
+from search.records import TrialRecord
+from search.studies import PROVENANCE_ATTR, state_name
 from search.report.collect import StudyReport, collect, trial_reason, trial_seconds
 from search.report.html import render_html
 from search.report.markdown import render_markdown
 from search.report.pictures import PICTURE_SIZE, augmentation_picture, data_grid
-from search.report.tables import summary_table
+from search.report.tables import summary_csv
 
 FORMATS = ("md", "html", "json", "csv")
 PICTURES = {"data_grid.png": "4 random train images per class", "augmentation.png":
@@ -55,32 +58,22 @@ def data_pictures(report: StudyReport, cache_dir: Path | None, log: Callable[[st
     return pictures
 
 
-def _trial_record(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    return {
-        "study": report.name,
-        "model": report.settings.family,
-        "number": trial.number,
-        "state": state_name(trial, report.requeued),
-        "val_accuracy": trial.value,
-        "best_epoch": trial.user_attrs.get("best_epoch"),
-        "seconds": trial_seconds(trial),
-        "device": trial.user_attrs.get("device"),
-        "reference": bool(trial.user_attrs.get("reference")),
-        "reason": trial_reason(trial),
-        "seed": trial.user_attrs.get("seed"),
-        "trainable_parameters": trial.user_attrs.get("trainable_parameters"),
-        "params": trial_params(trial),
-        "history": trial.user_attrs.get("history", []),
-    }
+def _trial_json(report: StudyReport, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial as report.json and trials.csv give it: where it belongs, its state and value, then its record
+    (with the reason and seconds a report derives for trials whose worker died)."""
+    record = report.record(trial)
+    record = dataclasses.replace(record, params=record.params_of(trial), reason=trial_reason(trial, record),
+                                 seconds=trial_seconds(trial, record))
+    return {"study": report.name, "model": report.settings.family, "number": trial.number,
+            "state": state_name(trial, report.requeued), "val_accuracy": trial.value, **record.to_json()}
 
 
 def best_params(reports: list[StudyReport]) -> dict[str, Any]:
-    """Per study, the best trial's full parameters: what `stl10-search train --param ...` needs to repeat it."""
+    """Per study, the best trial's full setting: what `stl10-search train --param ...` needs to repeat it."""
     return {
         r.name: {"model": r.settings.family, "trial": r.best.number, "val_accuracy": r.best.value,
-                 "best_epoch": r.best.user_attrs.get("best_epoch"), "seed": r.best.user_attrs.get("seed"),
-                 "test_accuracy": (r.result or {}).get("test_accuracy"),
-                 "params": trial_params(r.best)}
+                 "test_accuracy": r.result.test_accuracy if r.result else None,
+                 **r.record(r.best).setting_json(r.best)}
         for r in reports if r.best is not None
     }
 
@@ -95,10 +88,10 @@ def report_json(reports: list[StudyReport], header: list[str]) -> dict[str, Any]
             "failed": r.counts.failed, "interrupted": r.counts.interrupted, "waiting": r.counts.waiting,
             "search_seconds": r.search_seconds, "ended": r.study.user_attrs.get("ended"),
             "best_trial": r.best.number if r.best else None, "best_val_accuracy": r.best.value if r.best else None,
-            "best_result": r.result, "reference": r.reference,
+            "best_result": r.result.to_json() if r.result else None, "reference": r.reference,
             "reference_trial": r.reference_trial.number if r.reference_trial else None,
             "param_importances": r.importances, "notes": r.notes,
-            "trials": [_trial_record(r, t) for t in r.trials],
+            "trials": [_trial_json(r, t) for t in r.trials],
         } for r in reports],
     }
 
@@ -111,13 +104,20 @@ def _write_csv(path: Path, headers: list[str], rows: list[list[Any]]) -> None:
 
 
 def trials_csv(path: Path, reports: list[StudyReport]) -> None:
-    """One row per trial; every sampled or resolved parameter gets a column "param_<name>"."""
-    records = [_trial_record(r, t) for r in reports for t in r.trials]
-    names = sorted({k for record in records for k in record["params"]})
-    headers = ["study", "model", "number", "state", "val_accuracy", "best_epoch", "seconds", "device", "seed",
-               "trainable_parameters", "reference", "reason"]
-    rows = [[record[h] for h in headers] + [record["params"].get(n, "") for n in names] for record in records]
-    _write_csv(path, headers + [f"param_{n}" for n in names], rows)
+    """One row per trial: its place, state and value, each scalar field of its record, and a column
+    "param_<name>" for every sampled or resolved parameter."""
+    rows = [(_trial_json(r, t), r.record(t).params_of(t)) for r in reports for t in r.trials]
+    names = sorted({name for _, params in rows for name in params})
+    headers = ["study", "model", "number", "state", "val_accuracy", *TrialRecord.scalar_fields()]
+    _write_csv(path, headers + [f"param_{n}" for n in names],
+               [[row[h] for h in headers] + [params.get(n, "") for n in names] for row, params in rows])
+
+
+def dataset_name(data: dict[str, Any]) -> str:
+    """"STL-10", or an image folder's own name: what the report's title says was searched."""
+    if data.get("dataset") == "stl10":
+        return "STL-10"
+    return printable(Path(data.get("data_root") or "image folder").name)
 
 
 def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[str] | tuple[str, ...] = FORMATS,
@@ -130,10 +130,13 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
     """
     reports = collect(storage, prefix)
     out.mkdir(parents=True, exist_ok=True)
+    title = f"{dataset_name(reports[0].settings.data)} hyperparameter search report"
+    searched = reports[0].study.user_attrs.get(PROVENANCE_ATTR)
     header = [f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}" + (f" from {storage_name}" if storage_name else ""),
               f"Dataset: {reports[0].settings.data.get('dataset')}"
               + (f" ({reports[0].settings.data.get('data_root')})" if reports[0].settings.data.get("data_root") else "")
-              + ("; reference columns: the hand-tuned study of SPEC.md" if any(r.reference for r in reports) else "")]
+              + ("; reference columns: the hand-tuned study of SPEC.md" if any(r.reference for r in reports) else ""),
+              *(f"Search {line[0].lower()}{line[1:]}" for line in (describe(searched) if searched else []))]
     written = []
     pictures = data_pictures(reports[0], cache_dir, log) if {"md", "html"} & set(formats) else {}
     if "md" in formats:
@@ -143,10 +146,10 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
             written.append(out / "images" / name)
         links = {PICTURES[name]: f"images/{name}" for name in pictures}
         written.append(out / "report.md")
-        written[-1].write_text(printable(render_markdown(reports, header, links)), encoding="utf-8")
+        written[-1].write_text(printable(render_markdown(reports, title, header, links)), encoding="utf-8")
     if "html" in formats:
         written.append(out / "report.html")
-        page = render_html(reports, header, {PICTURES[n]: png for n, png in pictures.items()})
+        page = render_html(reports, title, header, {PICTURES[n]: png for n, png in pictures.items()})
         written[-1].write_text(printable(page), encoding="utf-8")
     if "json" in formats:
         written.append(out / "report.json")
@@ -157,7 +160,7 @@ def write_report(storage: optuna.storages.BaseStorage, out: Path, formats: list[
         written.append(out / "trials.csv")
         trials_csv(written[-1], reports)
         written.append(out / "summary.csv")
-        _write_csv(written[-1], *summary_table(reports))
+        _write_csv(written[-1], *summary_csv(reports))
     return written
 
 

@@ -10,11 +10,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.best import BEST_ATTR
 from search.errors import UserError
 from search.family import families, get_family
+from search.records import BestResult, TrialRecord
 from search.studies import (SETTINGS_ATTR, Counts, StudySettings, best_trial, counts_of, existing_study_names,
                             load_settings, load_stored_families, requeued_numbers, search_seconds)
+from search.training import EpochMetrics
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -28,11 +29,18 @@ class StudyReport:
     trials: list[FrozenTrial]
     counts: Counts
     best: FrozenTrial | None
-    result: dict[str, Any] | None  # the stored `best` result, when it is for the current best trial
+    result: BestResult | None  # the stored `best` result, when it is for the current best trial
     stale_result: bool  # a result exists, but for a trial that is no longer the best
     search_seconds: float
     importances: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
+    records: dict[int, TrialRecord] = field(default_factory=dict)  # by trial number, each read once
+
+    def __post_init__(self) -> None:
+        self.records = {t.number: TrialRecord.load(t) for t in self.trials}
+
+    def record(self, trial: FrozenTrial) -> TrialRecord:
+        return self.records[trial.number]
 
     @property
     def name(self) -> str:
@@ -55,17 +63,17 @@ class StudyReport:
     @property
     def reference_trial(self) -> FrozenTrial | None:
         """The trial that ran the family's hand-found setting (queued by `--enqueue-reference`), if any."""
-        return next((t for t in self.trials if t.user_attrs.get("reference")), None)
+        return next((t for t in self.trials if self.record(t).reference), None)
 
     @property
-    def history(self) -> list[dict[str, float]]:
-        return list(self.best.user_attrs.get("history", [])) if self.best else []
+    def history(self) -> list[EpochMetrics]:
+        return list(self.record(self.best).history) if self.best else []
 
     @property
     def parameters(self) -> int | None:
         if self.result:
-            return self.result["trainable_parameters"]
-        return self.best.user_attrs.get("trainable_parameters") if self.best else None
+            return self.result.trainable_parameters
+        return self.record(self.best).trainable_parameters if self.best else None
 
 
 def find_studies(storage: optuna.storages.BaseStorage, prefix: str = "") -> list[optuna.Study]:
@@ -111,14 +119,14 @@ def collect(storage: optuna.storages.BaseStorage, prefix: str = "", *, importanc
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = best_trial(trials)
-        stored = study.user_attrs.get(BEST_ATTR)
-        current = stored if stored and best and stored.get("trial") == best.number else None
+        stored = BestResult.load(study)
+        current = stored if stored and best and stored.trial == best.number else None
         report = StudyReport(study, load_settings(study), trials, counts_of(trials), best, current,
                              stale_result=bool(stored) and current is None, search_seconds=search_seconds(trials))
         if best is None:
             report.notes.append("no completed trial yet: see the trial table for the reasons")
         if report.stale_result:
-            report.notes.append(f"the stored test result is for trial #{stored.get('trial')}, no longer the best; "
+            report.notes.append(f"the stored test result is for trial #{stored.trial}, no longer the best; "
                                 "run `stl10-search best` again")
         elif best is not None and current is None:
             report.notes.append("not tested yet: run `stl10-search best` to retrain the best trial and score it on test")
@@ -130,18 +138,17 @@ def collect(storage: optuna.storages.BaseStorage, prefix: str = "", *, importanc
     return reports
 
 
-def trial_seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+def trial_seconds(trial: FrozenTrial, record: TrialRecord) -> float | None:
     """The wall seconds the worker measured, else the span between the trial's start and end in storage."""
-    if trial.user_attrs.get("seconds") is not None:
-        return float(trial.user_attrs["seconds"])
+    if record.seconds is not None:
+        return float(record.seconds)
     if trial.datetime_complete and trial.datetime_start:
         return (trial.datetime_complete - trial.datetime_start).total_seconds()
     return None
 
 
-def trial_reason(trial: optuna.trial.FrozenTrial) -> str | None:
+def trial_reason(trial: FrozenTrial, record: TrialRecord) -> str | None:
     """Why the trial ended. A trial failed by the heartbeat has no stored reason: its worker died mid-trial."""
-    reason = trial.user_attrs.get("reason")
-    if reason is None and trial.state == optuna.trial.TrialState.FAIL:
+    if record.reason is None and trial.state == TrialState.FAIL:
         return "worker stopped sending heartbeats (died or was killed); the trial was queued again"
-    return reason
+    return record.reason

@@ -6,24 +6,25 @@ The HTML report and the dashboard draw the same figures, so both come from here.
 from __future__ import annotations
 
 import warnings
-from typing import Any
-
 import optuna
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from data import printable
+from search.records import BestResult
 from search.report.collect import StudyReport
 from search.studies import OBJECTIVE_NAME
+from search.training import EpochMetrics
 
 
-def learning_curves(history: list[dict[str, float]], title: str) -> go.Figure:
+def learning_curves(history: list[EpochMetrics], title: str) -> go.Figure:
     """Train and validation loss (left) and accuracy (right) per epoch, as the reference plotted them."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
-    epochs = [int(h["epoch"]) for h in history]
+    epochs = [m.epoch for m in history]
     for column, metric in ((1, "loss"), (2, "accuracy")):
         for part, dash in (("train", "solid"), ("val", "dash")):
-            figure.add_trace(go.Scatter(x=epochs, y=[h[f"{part}_{metric}"] for h in history], mode="lines+markers",
+            values = [getattr(m, f"{part}_{metric}") for m in history]
+            figure.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers",
                                         name=f"{'validation' if part == 'val' else part} {metric}",
                                         line={"dash": dash}), row=1, col=column)
         figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) <= 20 else None, row=1, col=column)
@@ -32,10 +33,10 @@ def learning_curves(history: list[dict[str, float]], title: str) -> go.Figure:
     return figure
 
 
-def confusion_figure(result: dict[str, Any], title: str) -> go.Figure:
+def confusion_figure(result: BestResult, title: str) -> go.Figure:
     """Test confusion matrix of the retrained model: rows true class, columns predicted."""
-    classes = [printable(name) for name in result["classes"]]
-    figure = go.Figure(go.Heatmap(z=result["confusion_matrix"], x=classes, y=classes, colorscale="Blues",
+    classes = [printable(name) for name in result.classes]
+    figure = go.Figure(go.Heatmap(z=result.confusion_matrix, x=classes, y=classes, colorscale="Blues",
                                   texttemplate="%{z}", hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
     figure.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
                          height=max(360, 40 * len(classes) + 160))
@@ -60,5 +61,5 @@ def study_figures(report: StudyReport) -> dict[str, go.Figure]:
                 report.study, target_name=OBJECTIVE_NAME)
     if report.result:
         figures["test confusion matrix"] = confusion_figure(
-            report.result, f"{report.title}: test confusion matrix (trial #{report.result['trial']})")
+            report.result, f"{report.title}: test confusion matrix (trial #{report.result.trial})")
     return figures

@@ -14,7 +14,7 @@ import plotly.offline
 
 from search.report.collect import StudyReport
 from search.report.figures import study_figures
-from search.report.tables import (Table, best_params_table, curves_table, per_class_table, reference_table,
+from search.report.tables import (Link, Table, best_params_table, curves_table, per_class_table, reference_table,
                                   summary_table, test_result_text, trials_table)
 from search.report.tradeoff import CAPTION, smallest_line, tradeoff_figure, tradeoff_table
 
@@ -54,10 +54,15 @@ def html_table(table: Table, text_columns: tuple[str, ...] = ()) -> str:
     headers, rows = table
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=text' if h in text_columns else ''}>{html.escape(str(c))}</td>"
+        "<tr>" + "".join(f"<td{' class=text' if h in text_columns else ''}>{_cell(c)}</td>"
                          for h, c in zip(headers, row)) + "</tr>"
         for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: object) -> str:
+    text = html.escape(str(value))
+    return f'<a href="{html.escape(value.href)}">{text}</a>' if isinstance(value, Link) else text
 
 
 def png_data_uri(png: bytes) -> str:
@@ -92,10 +97,10 @@ def _tradeoff_section(reports: list[StudyReport], plots: _Plots) -> list[str]:
                       "</div>", f"<p class=caption>{html.escape(CAPTION)}</p>"]
 
 
-def render_html(reports: list[StudyReport], header: list[str], pictures: dict[str, bytes]) -> str:
+def render_html(reports: list[StudyReport], title: str, header: list[str], pictures: dict[str, bytes]) -> str:
     """`pictures`: caption -> PNG bytes, embedded in the page."""
     plots = _Plots()
-    body = ["<h1>STL-10 hyperparameter search report</h1>", *(f"<p>{html.escape(line)}</p>" for line in header),
+    body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(line)}</p>" for line in header),
             *_tradeoff_section(reports, plots), "<h2>Summary</h2>", html_table(summary_table(reports))]
     if pictures:
         body.append("<h2>Data</h2>")
@@ -111,15 +116,15 @@ def render_html(reports: list[StudyReport], header: list[str], pictures: dict[st
         if r.reference_trial is not None:
             body += ["<h3>Hand-found setting against the searched best</h3>", html_table(reference_table(r))]
         if r.result:
-            body += [f"<h3>Test result (trial #{r.result['trial']} retrained"
-                     f"{' on train+validation' if r.result['full_train'] else ''})</h3>",
+            body += [f"<h3>Test result (trial #{r.result.trial} retrained"
+                     f"{' on train+validation' if r.result.full_train else ''})</h3>",
                      f"<p>{html.escape(test_result_text(r.result))}</p>", html_table(per_class_table(r))]
         for name, figure in study_figures(r).items():
             body += [f"<h3>{html.escape(name.capitalize())}</h3>", plots.div(figure)]
         if r.history:
             body += ["<details><summary>Learning curves as a table</summary>", html_table(curves_table(r)), "</details>"]
-        body += ["<h3>Trials</h3>", html_table(trials_table(r), text_columns=("reason", "params")), "</section>"]
+        body += ["<h3>Trials</h3>", html_table(trials_table(r), text_columns=("why it ended", "parameters")), "</section>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>STL-10 hyperparameter search report</title>\n"
+            f"<title>{html.escape(title)}</title>\n"
             f"{_ERROR_RECORDER}\n{_STYLE}\n<script>{plotly.offline.get_plotlyjs()}</script>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 
 from search.report.collect import StudyReport
-from search.report.tables import (Table, best_params_table, curves_table, importance_table, per_class_table,
+from search.report.tables import (Link, Table, best_params_table, curves_table, importance_table, per_class_table,
                                   reference_table, summary_table, test_result_text, trials_table)
 from search.report.tradeoff import smallest_line, tradeoff_table
 
@@ -20,7 +20,8 @@ def _text(text: object) -> str:
 
 
 def _cell(text: object) -> str:
-    return _text(text).replace("|", "\\|").replace("\n", " ")
+    cell = _text(text).replace("|", "\\|").replace("\n", " ")
+    return f"[{cell}]({text.href})" if isinstance(text, Link) else cell
 
 
 def markdown_table(table: Table) -> str:
@@ -30,9 +31,9 @@ def markdown_table(table: Table) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(reports: list[StudyReport], header: list[str], pictures: dict[str, str]) -> str:
+def render_markdown(reports: list[StudyReport], title: str, header: list[str], pictures: dict[str, str]) -> str:
     """`pictures`: caption -> PNG path relative to report.md."""
-    parts = ["# STL-10 hyperparameter search report", "", *map(_text, header), "",
+    parts = [f"# {_text(title)}", "", *map(_text, header), "",
              "Interactive plots (optimization history, importances, parallel coordinates) are in report.html.", "",
              "## Accuracy, size and latency across models", "",
              "Each model's best: test accuracy when retrained and tested, else validation accuracy. report.html "
@@ -57,8 +58,8 @@ def render_markdown(reports: list[StudyReport], header: list[str], pictures: dic
         if r.importances:
             parts += ["### Parameter importances", "", markdown_table(importance_table(r)), ""]
         if r.result:
-            parts += [f"### Test result (trial #{r.result['trial']} retrained"
-                      f"{' on train+validation' if r.result['full_train'] else ''})", "",
+            parts += [f"### Test result (trial #{r.result.trial} retrained"
+                      f"{' on train+validation' if r.result.full_train else ''})", "",
                       _text(test_result_text(r.result)), "", markdown_table(per_class_table(r)), ""]
         parts += ["### Trials", "", markdown_table(trials_table(r)), ""]
     return "\n".join(parts)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search.studies import state_name, trial_params
+from search.records import BestResult
 from search.report.collect import StudyReport, trial_reason, trial_seconds
+from search.studies import state_name
 
 Table = tuple[list[str], list[list[str]]]  # headers, rows
 
@@ -39,44 +41,81 @@ def value_text(value: Any) -> str:
     return str(value)
 
 
-def summary_table(reports: list[StudyReport]) -> Table:
-    """Per model: the search's figures, and the hand-tuned study's next to them when the data is STL-10."""
-    with_reference = any(r.reference for r in reports)
-    with_hand_found = any(r.reference_trial for r in reports)
-    headers = ["model", "study", "best val acc", "test acc", "test loss", "trainable params",
-               "finished", "pruned", "failed", "interrupted", "queued", "search time"]
-    if with_hand_found:
-        headers += ["hand-found setting val acc"]
-    if with_reference:
-        headers += ["reference val acc", "reference test acc", "reference test loss", "reference params"]
+class Link(str):
+    """A table cell that links somewhere: Markdown and HTML show its text as a link to `href`."""
+
+    href: str
+
+    def __new__(cls, text: str, href: str) -> Link:
+        cell = super().__new__(cls, text)
+        cell.href = href
+        return cell
+
+
+# The summary's columns: (CSV name, shown heading, how a value is shown). summary.csv holds the values as numbers
+# (fractions, counts, seconds); Markdown and HTML show them formatted.
+_SUMMARY: list[tuple[str, str, Any]] = [
+    ("model", "model", str), ("study", "study", str), ("best_val_accuracy", "best val acc", percent),
+    ("test_accuracy", "test acc", percent), ("test_loss", "test loss", number), ("parameters", "trainable params",
+                                                                                  lambda v: count_text(v)),
+    ("finished", "finished", str), ("trial_budget", "budget", lambda v: "-" if v is None else str(v)),
+    ("pruned", "pruned", str), ("failed", "failed", str), ("interrupted", "interrupted", str), ("queued", "queued", str),
+    ("search_seconds", "search time", duration),
+]
+_HAND_FOUND = [("hand_found_val_accuracy", "hand-found setting val acc",
+                lambda v: percent(v) if isinstance(v, float) else v or "-")]  # its accuracy, or its state
+_REFERENCE = [("reference_val_accuracy", "reference val acc", percent),
+              ("reference_test_accuracy", "reference test acc", percent),
+              ("reference_test_loss", "reference test loss", lambda v: number(v, 3)),
+              ("reference_parameters", "reference params", lambda v: count_text(v))]
+_BUNDLE = [("bundle", "bundle", lambda v: "-" if v is None else Link("bundle", Path(v).as_uri()))]
+
+
+def summary_rows(reports: list[StudyReport]) -> tuple[list[tuple[str, str, Any]], list[list[Any]]]:
+    """Per model the search's figures as values, the hand-tuned study's beside them when the data is STL-10, and
+    the exported bundle when there is one: (columns, rows)."""
+    columns = list(_SUMMARY)
+    columns += _HAND_FOUND if any(r.reference_trial for r in reports) else []
+    columns += _REFERENCE if any(r.reference for r in reports) else []
+    columns += _BUNDLE if any(r.result and r.result.bundle for r in reports) else []
     rows = []
     for r in reports:
-        result = r.result or {}
-        row = [r.title, r.name, percent(r.best.value if r.best else None), percent(result.get("test_accuracy")),
-               number(result.get("test_loss")), count_text(r.parameters),
-               f"{r.counts.finished}/{r.settings.n_trials}" if r.settings.n_trials else str(r.counts.finished),
-               str(r.counts.pruned), str(r.counts.failed), str(r.counts.interrupted), str(r.counts.waiting),
-               duration(r.search_seconds)]
-        if with_hand_found:
-            row += [_trial_outcome(r, r.reference_trial)]
-        if with_reference:
-            ref = r.reference or {}
-            row += [percent(ref.get("val_accuracy")), percent(ref.get("test_accuracy")),
-                    number(ref.get("test_loss"), 3), count_text(ref.get("parameters"))]
-        rows.append(row)
-    return headers, rows
+        ref = r.reference or {}
+        values = {"model": r.title, "study": r.name, "best_val_accuracy": r.best.value if r.best else None,
+                  "test_accuracy": r.result.test_accuracy if r.result else None,
+                  "test_loss": r.result.test_loss if r.result else None, "parameters": r.parameters,
+                  "finished": r.counts.finished, "trial_budget": r.settings.n_trials, "pruned": r.counts.pruned,
+                  "failed": r.counts.failed, "interrupted": r.counts.interrupted, "queued": r.counts.waiting,
+                  "search_seconds": r.search_seconds, "hand_found_val_accuracy": _outcome(r, r.reference_trial),
+                  "reference_val_accuracy": ref.get("val_accuracy"), "reference_test_accuracy": ref.get("test_accuracy"),
+                  "reference_test_loss": ref.get("test_loss"), "reference_parameters": ref.get("parameters"),
+                  "bundle": r.result.bundle if r.result else None}
+        rows.append([values[name] for name, _, _ in columns])
+    return columns, rows
 
 
-def _trial_outcome(report: StudyReport, trial: FrozenTrial | None) -> str:
+def summary_table(reports: list[StudyReport]) -> Table:
+    """The summary as shown: percentages, thousands separators, durations, a link to each bundle."""
+    columns, rows = summary_rows(reports)
+    return [heading for _, heading, _ in columns], [[show(v) for (_, _, show), v in zip(columns, row)] for row in rows]
+
+
+def summary_csv(reports: list[StudyReport]) -> tuple[list[str], list[list[Any]]]:
+    """The summary as numbers: fractions, counts, seconds; what a spreadsheet or pandas reads."""
+    columns, rows = summary_rows(reports)
+    return [name for name, _, _ in columns], rows
+
+
+def _outcome(report: StudyReport, trial: FrozenTrial | None) -> float | str | None:
     """The validation accuracy of a completed trial, else its state ("pruned", "interrupted", "waiting", ...)."""
     if trial is None:
-        return "-"
-    return percent(trial.value) if trial.state == TrialState.COMPLETE else state_name(trial, report.requeued)
+        return None
+    return trial.value if trial.state == TrialState.COMPLETE else state_name(trial, report.requeued)
 
 
-def _setting(trial: FrozenTrial) -> dict[str, Any]:
+def _setting(report: StudyReport, trial: FrozenTrial) -> dict[str, Any]:
     """The trial's parameters; for a trial still waiting in the queue, those it was enqueued with."""
-    return trial_params(trial) or dict(trial.system_attrs.get("fixed_params") or {})
+    return report.record(trial).params_of(trial) or dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def reference_table(report: StudyReport) -> Table:
@@ -90,20 +129,21 @@ def reference_table(report: StudyReport) -> Table:
         return headers, []
 
     def test_accuracy(trial: FrozenTrial | None) -> str:
-        tested = trial is not None and report.result and report.result["trial"] == trial.number
-        return percent(report.result["test_accuracy"]) if tested else "-"
+        tested = trial is not None and report.result and report.result.trial == trial.number
+        return percent(report.result.test_accuracy) if tested else "-"
 
-    def column(trial: FrozenTrial | None, key: str) -> str:
-        return "-" if trial is None else count_text(trial.user_attrs.get(key))
+    def size(trial: FrozenTrial | None) -> str:
+        return "-" if trial is None else count_text(report.record(trial).trainable_parameters)
 
+    reason = trial_reason(reference, report.record(reference))
     rows = [["trial", f"#{reference.number}", f"#{best.number}" if best else "-", ""],
             ["state", state_name(reference, report.requeued), "complete" if best else "-", ""],
-            ["val acc", _trial_outcome(report, reference), percent(best.value) if best else "-", ""],
+            ["val acc", _HAND_FOUND[0][2](_outcome(report, reference)), percent(best.value) if best else "-", ""],
             ["test acc", test_accuracy(reference), test_accuracy(best), ""],
-            ["trainable params", column(reference, "trainable_parameters"), column(best, "trainable_parameters"), ""]]
-    if trial_reason(reference) and reference.state != TrialState.COMPLETE:
-        rows.append(["reason", trial_reason(reference), "", ""])
-    ours, theirs = _setting(reference), trial_params(best) if best else {}
+            ["trainable params", size(reference), size(best), ""]]
+    if reason and reference.state != TrialState.COMPLETE:
+        rows.append(["why it ended", reason, "", ""])
+    ours, theirs = _setting(report, reference), report.record(best).params_of(best) if best else {}
     for name in sorted(set(ours) | set(theirs)):
         mine, found = ours.get(name), theirs.get(name)
         rows.append([name, "-" if mine is None else value_text(mine), "-" if found is None else value_text(found),
@@ -114,16 +154,17 @@ def reference_table(report: StudyReport) -> Table:
 def best_params_table(report: StudyReport) -> Table:
     if report.best is None:
         return ["parameter", "value", ""], []
-    params = trial_params(report.best)
+    record = report.record(report.best)
     searched = set(report.best.params)
-    rows = [[name, value_text(value), "searched" if name in searched else "fixed"] for name, value in sorted(params.items())]
-    rows.append(["best epoch", str(report.best.user_attrs.get("best_epoch", "-")), "chosen on validation"])
+    rows = [[name, value_text(value), "searched" if name in searched else "fixed"]
+            for name, value in sorted(record.params_of(report.best).items())]
+    rows.append(["best epoch", str(record.best_epoch or "-"), "chosen on validation"])
     return ["parameter", "value", ""], rows
 
 
 def curves_table(report: StudyReport) -> Table:
-    rows = [[str(int(h["epoch"])), number(h["train_loss"]), percent(h["train_accuracy"]), number(h["val_loss"]),
-             percent(h["val_accuracy"]), f"{h['seconds']:.1f} s"] for h in report.history]
+    rows = [[str(m.epoch), number(m.train_loss), percent(m.train_accuracy), number(m.val_loss),
+             percent(m.val_accuracy), f"{m.seconds:.1f} s"] for m in report.history]
     return ["epoch", "train loss", "train acc", "val loss", "val acc", "time"], rows
 
 
@@ -131,15 +172,17 @@ def importance_table(report: StudyReport) -> Table:
     return ["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in (report.importances or {}).items()]
 
 
-def test_result_text(result: dict[str, Any]) -> str:
-    """The retrained model's test figures in a sentence, with its latency when `best` measured it."""
-    text = (f"Test accuracy {result['test_accuracy']:.2%}, test loss {result['test_loss']:.4f} "
-            f"on {result['test_images']} images.")
-    latency = result.get("latency_ms") or {}
-    parts = [f"{latency[k]:.3g} ms at batch {k.removeprefix('batch_')}" for k in ("batch_1", "batch_256")
-             if latency.get(k) is not None]
+def test_result_text(result: BestResult) -> str:
+    """The retrained model's test figures in a sentence, with its latency (median, and interquartile range when
+    measured) when `best` measured it."""
+    text = (f"Test accuracy {result.test_accuracy:.2%}, test loss {result.test_loss:.4f} "
+            f"on {result.test_images} images.")
+    parts = [f"{result.latency_ms[k]:.3g} ms" + (f" (IQR {result.latency_iqr_ms[k]:.2g})" if k in result.latency_iqr_ms
+                                                 else "") + f" at batch {k.removeprefix('batch_')}"
+             for k in ("batch_1", "batch_256") if result.latency_ms.get(k) is not None]
     if parts:
-        text += f" Inference time per image: {', '.join(parts)}{' on ' + result['device'] if result.get('device') else ''}."
+        threads = f", {result.latency_threads} thread(s)" if result.latency_threads else ""
+        text += f" Inference time per image, median: {', '.join(parts)} on {result.device}{threads}."
     return text
 
 
@@ -147,7 +190,7 @@ def per_class_table(report: StudyReport) -> Table:
     if not report.result:
         return ["class", "test acc"], []
     result = report.result
-    return ["class", "test acc"], [[c, percent(a)] for c, a in zip(result["classes"], result["per_class_accuracy"])]
+    return ["class", "test acc"], [[c, percent(a)] for c, a in zip(result.classes, result.per_class_accuracy)]
 
 
 def trials_table(report: StudyReport) -> Table:
@@ -156,8 +199,9 @@ def trials_table(report: StudyReport) -> Table:
     requeued = report.requeued
     for t in report.trials:
         searched = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(t.params.items()))
-        number = f"{t.number} (hand-found)" if t.user_attrs.get("reference") else str(t.number)
+        record = report.record(t)
+        number = f"{t.number} (hand-found)" if record.reference else str(t.number)
         rows.append([number, state_name(t, requeued), percent(t.value) if t.value is not None else "-",
-                     str(t.user_attrs.get("best_epoch", "-")), duration(trial_seconds(t)), trial_reason(t) or "-",
+                     str(record.best_epoch or "-"), duration(trial_seconds(t, record)), trial_reason(t, record) or "-",
                      searched])
-    return ["#", "state", "val acc", "best epoch", "time", "reason", "params"], rows
+    return ["#", "state", "val acc", "best epoch", "time", "why it ended", "parameters"], rows

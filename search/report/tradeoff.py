@@ -84,7 +84,7 @@ def trial_points(reports: list[StudyReport], state: TrialState = TrialState.COMP
     points = []
     for report in reports:
         for trial in report.trials:
-            size = trial.user_attrs.get("trainable_parameters")
+            size = report.record(trial).trainable_parameters
             accuracy = trial.value if trial.value is not None else max(trial.intermediate_values.values(), default=None)
             if trial.state == state and accuracy is not None and isinstance(size, int) and size > 0:
                 points.append(Point(report.name, report.title, trial.number, size, float(accuracy)))
@@ -96,11 +96,11 @@ def best_point(report: StudyReport, tested: bool = True) -> Point | None:
     if report.best is None:
         return None
     if tested and report.result:
-        latency = report.result.get("latency_ms") or {}
-        return Point(report.name, report.title, report.best.number, int(report.result["trainable_parameters"]),
-                     float(report.result["test_accuracy"]), tested=True, latency_ms=latency.get("batch_256"),
-                     latency_1_ms=latency.get("batch_1"), device=report.result.get("device"))
-    size = report.best.user_attrs.get("trainable_parameters")
+        result = report.result
+        return Point(report.name, report.title, report.best.number, int(result.trainable_parameters),
+                     float(result.test_accuracy), tested=True, latency_ms=result.latency_ms.get("batch_256"),
+                     latency_1_ms=result.latency_ms.get("batch_1"), device=result.device)
+    size = report.parameters
     if not isinstance(size, int) or size <= 0:
         return None
     return Point(report.name, report.title, report.best.number, size, float(report.best.value))

@@ -14,14 +14,15 @@ from search.environment import DEFAULT_STORAGE
 from search.errors import UserError
 from search.family import Family, families, get_family, load_family_file
 from search.launcher import (check_worker_count, fit_to_machine, plan_workers, search_failures, start_workers,
-                             summary_table, supervise, worker_log, worker_memory_estimate)
+                             summary_records, summary_table, supervise, worker_log,
+                             worker_memory_estimate)
 from search.pipeline import DataConfig, data_identity, load_parts, resolve_device
 from search.sampling import PRUNERS, SAMPLERS
 from search.space import load_space_file
 from search.storage import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, exclusive_worker, open_storage, redact, storage_file
 from search.studies import (DATA_ATTR, ENDED_ATTR, StudySettings, create_or_update, data_fields, existing_study_names,
                             load_settings, set_deadlines, study_name)
-from search.trackers import TrackerSpec
+from search.trackers import TrackerSpec, open_trackers
 from search.warmstart import warm_start
 from search.worker import work
 
@@ -69,6 +70,7 @@ class SearchRequest:
     oversubscribe: bool = False
     log_dir: Path = Path("logs")
     track: list[TrackerSpec] = field(default_factory=list)  # experiment trackers each worker reports to
+    progress: bool = True  # show live progress on stderr while the workers run
 
     def __post_init__(self) -> None:
         for path in self.family_files:
@@ -104,6 +106,10 @@ class SearchOutcome:
     summary: str = ""
     problems: list[str] = field(default_factory=list)  # one line each: failed workers, studies with no result
     interrupted: bool = False
+    records: list[dict[str, Any]] = field(default_factory=list)  # the summary as values (search.launcher)
+
+    def summary_json(self) -> list[dict[str, Any]]:
+        return self.records or summary_records(self.studies)
 
     @property
     def exit_code(self) -> int:
@@ -284,8 +290,9 @@ def run_workers(request: SearchRequest, storage: optuna.storages.BaseStorage, st
     devices = ", ".join(sorted({f"GPU {s.visible_gpu}" if s.visible_gpu else "CPU" for s in slots}))
     log(f"starting {len(slots)} worker(s) on {devices}; logs in {request.log_dir}/")
     processes = start_workers(slots, request.models, request.storage, worker_arguments(request), request.log_dir)
-    interrupts = supervise(processes, studies, storage)
-    outcome = SearchOutcome(storage, studies, summary_table(studies, storage), interrupted=bool(interrupts))
+    interrupts = supervise(processes, studies, storage, progress=request.progress)
+    records = summary_records(studies)
+    outcome = SearchOutcome(storage, studies, summary_table(records), interrupted=bool(interrupts), records=records)
     if not interrupts:
         logs = [worker_log(request.log_dir, i) for i in range(len(processes))]
         outcome.problems = search_failures(processes, logs, studies)
@@ -333,6 +340,10 @@ def run_worker(request: WorkerRequest, stop: threading.Event, log: Log) -> dict[
                         "to create it")
     if missing or request.changes:
         create_studies(request.search, log)
-    with exclusive_worker(storage, names):  # a journal takes one worker at a time
-        return work(storage, names, device, stop, data_overrides=request.host_data,
-                    checkpoint_dir=request.search.checkpoint_dir, log=log)
+    trackers = open_trackers(request.search.track, log)
+    try:
+        with exclusive_worker(storage, names):  # a journal takes one worker at a time
+            return work(storage, names, device, stop, data_overrides=request.host_data,
+                        checkpoint_dir=request.search.checkpoint_dir, log=log, trackers=trackers)
+    finally:
+        trackers.close()
