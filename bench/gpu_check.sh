@@ -8,8 +8,9 @@
 #   5. search         $PY -m search.cli search: a short search of all five models
 #   6. best           $PY -m search.cli best --model all
 #   7. report         $PY -m search.cli report
+#   8. trial-packs    $PY -m bench.trial_packs: trials/min of a trial pack vs K solo trials and K worker processes
 # Every log and table goes into one folder (--out: STEP.log, nvidia-smi.csv, throughput/, search/, report/,
-# summary.txt). Each step has its own time limit, so one stuck step cannot eat the budget (8 minutes on one
+# summary.txt). Each step has its own time limit, so one stuck step cannot eat the budget (10 minutes on one
 # H100 or H200 in all); a failed step does not stop the others, but the script exits 1 after printing a
 # summary of every step (name, seconds, exit code, log file).
 #
@@ -102,7 +103,9 @@ if [ "$device" = cuda ]; then
   throughput=(--device cuda --workers-per-gpu 1,2,4 --trials 16 --epochs 3 --storage-trials 12 --timeout 35)
   search=(--n-trials 4 --param epochs=3 --gpus 0 --workers-per-gpu 2)
   best_device=cuda:0
-  limits=(20 60 105 115 100 45 20)  # 465 s in all: the check ends within 8 minutes
+  limits=(20 60 105 115 100 45 20)  # 465 s in all, and the packs' 120 s: the check ends within 10 minutes
+  packs=(--device cuda --images 3500 --image-size 64 --epochs 2 --models logreg,cnn --packs 1,8 --no-steps)
+  packs_limit=120
 else
   # Small sizes: 20 train and 10 test images per class, linked from --data-root.
   data=$out/data-small
@@ -122,6 +125,9 @@ else
   search=(--n-trials 2 --param epochs=1 --workers 2)
   best_device=cpu
   limits=(30 120 300 300 240 240 60)
+  packs=(--device cpu --images 140 --image-size 32 --epochs 1 --models logreg,cnn --packs 1,2 --threads 1
+         --step-repeats 1)
+  packs_limit=180
 fi
 search_dir=$out/search
 storage=sqlite:///$search_dir/studies.db
@@ -173,6 +179,8 @@ TAIL_LINES=6 run_step best "${limits[5]}" "$py" -m search.cli best --model all -
   --device "$best_device" --cache-dir "$search_dir/cache" --artifacts "$search_dir/artifacts"
 TAIL_LINES=3 run_step report "${limits[6]}" "$py" -m search.cli report --storage "$storage" --out "$out/report" \
   --cache-dir "$search_dir/cache"
+
+TAIL_LINES=12 run_step trial-packs "$packs_limit" "$py" -m bench.trial_packs "${packs[@]}"
 
 busy=
 if [ -s "$out/nvidia-smi.csv" ]; then

@@ -43,7 +43,10 @@ class Family:
     for a `pretrained` family, else None. `space` lists every hyperparameter, the training ones included
     (`search.training.training_space`). `reference` is the hand-found setting, over the space's defaults: the
     defaults of `train` and the first trial of `--enqueue-reference`. `time_budget` is the seconds of search
-    `run` gives the family when the user sets no budget, per device type.
+    `run` gives the family when the user sets no budget, per device type. `pack_members` names the parameters
+    that may differ between the members of a trial pack (`search.pack`): every other parameter (shapes, batch
+    size, image size, epochs, augmentation) is shared by a pack, whose members train as one stacked model on one
+    batch stream. A family that names none trains in packs of one.
     """
 
     name: str
@@ -57,18 +60,22 @@ class Family:
     n_trials: int = 20
     time_budget: dict[str, float] = field(default_factory=lambda: {"cpu": 600.0, "cuda": 300.0})
     cudnn_benchmark: bool = True
+    pack_members: tuple[str, ...] = ()
     order: int = 100
     origin: str = "built-in"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "space", tuple(self.space))
+        object.__setattr__(self, "pack_members", tuple(self.pack_members))
         names = [d.name for d in self.space]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         unknown = sorted(set(self.reference) - set(names))
-        if duplicated or unknown:
+        unpackable = sorted(set(self.pack_members) - set(names))
+        if duplicated or unknown or unpackable:
             raise UserError(f"family {self.name} ({self.origin}): "
                             + (f"parameters declared twice: {', '.join(duplicated)}" if duplicated
-                               else f"reference names unknown parameters: {', '.join(unknown)}"))
+                               else f"reference names unknown parameters: {', '.join(unknown)}" if unknown
+                               else f"pack_members names unknown parameters: {', '.join(unpackable)}"))
 
     def dims(self, overrides: dict[str, Any] | None = None) -> list[Dim]:
         """The space, with a user's fixed, narrowed or restricted dimensions."""
@@ -100,6 +107,10 @@ class Family:
             if dim.name not in params:
                 raise UserError(f"model {self.name}: parameter {dim.name} is missing")
             dim.check(params[dim.name])
+
+    def pack_shared(self, params: dict[str, Any]) -> dict[str, Any]:
+        """What the members of one trial pack must agree on: every parameter but `pack_members`."""
+        return {name: value for name, value in params.items() if name not in self.pack_members}
 
     def reference_trial(self, dims: list[Dim]) -> dict[str, Any]:
         """The reference setting restricted to what `dims` allow, for enqueueing as a first trial."""

@@ -71,6 +71,11 @@ def training_space(
     ]
 
 
+# The training parameters that may differ between the members of a trial pack (see `Family.pack_members`).
+PACK_MEMBER_PARAMS = ("optimizer", "lr", "momentum", "weight_decay", "loss", "label_smoothing", "lr_schedule",
+                      "warmup_epochs")
+
+
 class Diverged(Exception):
     """The training loss became NaN or infinite; the run cannot recover."""
 

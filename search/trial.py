@@ -152,26 +152,44 @@ def has_convolutions(model: nn.Module) -> bool:
 
 
 def prepare(family: Family, params: dict[str, Any], parts: dict[str, ImageSet], config: DataConfig,
-            device: torch.device, seed: int) -> tuple[nn.Module, nn.Module, BatchSource]:
-    """Build the model (seeded) and its batch source: (model, module to train, source)."""
+            device: torch.device, seed: int, data_seed: int | None = None) -> tuple[nn.Module, nn.Module, BatchSource]:
+    """Build the model (seeded) and its batch source: (model, module to train, source).
+
+    `seed` sets the initial weights, `data_seed` (default: `seed`) the batch order and augmentation draws:
+    a member of a trial pack has its own seed and the pack's data seed.
+    """
+    model = build_model(family, params, parts, config, device, seed)
+    trained, source = batch_source(model, params, parts, config, device, seed if data_seed is None else data_seed)
+    return model, trained, source
+
+
+def build_model(family: Family, params: dict[str, Any], parts: dict[str, ImageSet], config: DataConfig,
+                device: torch.device, seed: int) -> nn.Module:
+    """The network for `params` on `device`, its weights drawn after torch.manual_seed(seed)."""
     torch.manual_seed(seed)
     num_classes = len(parts["train"].classes)
     size = parts["train"].images.shape[-1]
     model = family.create_model(params, num_classes=num_classes, image_size=size, weights=config.weights).to(device)
     # channels-last: faster convolutions on GPUs, and on the CPU 2x (inference) to 7x (training) for
     # MobileNetV2's depthwise convolutions
-    conv = has_convolutions(model)
-    if conv:
+    if has_convolutions(model):
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = family.cudnn_benchmark
+    return model
+
+
+def batch_source(model: nn.Module, params: dict[str, Any], parts: dict[str, ImageSet], config: DataConfig,
+                 device: torch.device, data_seed: int) -> tuple[nn.Module, BatchSource]:
+    """(module to train, its batches): the head on cached features for a frozen backbone, else the model on images."""
     augmentation = Augmentation.of(params)
     if uses_feature_cache(model):
         source = FeatureBatches(model.backbone, parts, int(params["batch_size"]), int(params["feature_views"]),
-                                augmentation, device, seed, config.cache_dir)
-        return model, model.head, source
-    source = ImageBatches(parts, int(params["batch_size"]), augmentation, device, seed, channels_last=conv)
-    return model, model, source
+                                augmentation, device, data_seed, config.cache_dir)
+        return model.head, source
+    source = ImageBatches(parts, int(params["batch_size"]), augmentation, device, data_seed,
+                          channels_last=has_convolutions(model))
+    return model, source
 
 
 def run_trial(
@@ -188,6 +206,7 @@ def run_trial(
     checkpoint: Checkpoint | None = None,
     stop_after: int | None = None,
     prepared: tuple[nn.Module, nn.Module, BatchSource] | None = None,
+    data_seed: int | None = None,
 ) -> Fit:
     """Train `family` with `params` on parts["train"], validating on parts["val"] after every epoch.
 
@@ -196,8 +215,9 @@ def run_trial(
     first, so a caller reports one history whatever was resumed. Raises Diverged when an epoch's training
     loss is not finite. The checkpoint is deleted when the run ends, unless it ends by `Interrupted`.
     `prepared` is a (model, module to train, batch source) built elsewhere: the benchmarks' plain path.
+    `data_seed` (default: `seed`) sets the batch order and augmentation apart from the initial weights.
     """
-    model, trained, source = prepared or prepare(family, params, parts, config, device, seed)
+    model, trained, source = prepared or prepare(family, params, parts, config, device, seed, data_seed)
     if on_start is not None:
         on_start(model, source)
     optimizer = make_optimizer(trained, params)

@@ -163,3 +163,50 @@ def test_gpu_check_runs_with_only_torch_torchvision_and_the_wheels_its_header_li
                             env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "all steps passed" in result.stdout
+
+
+def test_pack_bench_members_differ_as_a_searchs_trials_and_share_the_rest():
+    from bench.trial_packs import members_of
+    from search.family import get_family
+
+    for name in ("logreg", "mlp", "cnn", "mobilenet_frozen"):
+        family = get_family(name)
+        base = family.resolve({"epochs": 2})
+        members = members_of(family, base, 8)
+        assert {m.params["optimizer"] for m in members} == {"adam", "adamw", "sgd", "rmsprop"}
+        assert len({m.params["lr"] for m in members}) > 3 and len({m.seed for m in members}) == 8
+        assert all(family.pack_shared(m.params) == family.pack_shared(members[0].params) for m in members)
+
+
+def test_pack_bench_prints_a_table_per_family_and_the_step_comparison(tiny_imagefolder, monkeypatch, capsys):
+    from bench import trial_packs
+
+    monkeypatch.setattr(sys, "argv", ["trial_packs", "--data-root", str(tiny_imagefolder), "--models", "logreg,mlp",
+                                      "--packs", "1,2", "--images", "16", "--epochs", "1", "--image-size", "8",
+                                      "--step-repeats", "1", "--no-processes"])
+    trial_packs.main()
+    out = capsys.readouterr().out
+    assert "logistic regression (logreg)" in out and "fully connected net (mlp)" in out
+    assert out.count("ratio pack/solo") == 2
+    step_rows = [line for line in out.splitlines() if line.startswith(("logreg ", "mlp "))]
+    assert len(step_rows) == 4 and not any("failed" in row for row in step_rows)
+
+
+@pytest.mark.slow
+def test_pack_bench_runs_k_worker_processes_and_reports_a_failed_one(tiny_imagefolder, tmp_path):
+    """The K-processes column (on by default on CUDA): K spawned processes start together; one that fails
+    ends the measurement with its error instead of leaving the others waiting at the start."""
+    import argparse
+
+    from bench.trial_packs import members_of, time_processes
+    from search.family import get_family
+
+    family = get_family("logreg")
+    args = argparse.Namespace(data_root=tiny_imagefolder, weights=None, images=16, seed=0, threads=1, device="cpu",
+                              image_size=8, image_cache=str(tmp_path / "images"), feature_cache=str(tmp_path / "f"))
+    members = members_of(family, family.resolve({"epochs": 1, "batch_size": 8}), 2)
+    seconds, peak = time_processes(args, family, members)
+    assert seconds > 0 and peak == 0  # no GPU memory on the CPU
+    members[1].params["batch_size"] = 0  # this process's trial fails
+    with pytest.raises(SystemExit, match="a worker process failed: ValueError"):
+        time_processes(args, family, members)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.pipeline",),  # from a data configuration to batches on the device
     ("search.training",),  # optimizer, schedule, loss, one epoch, one evaluation
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
-    ("search.trial", "search.predict"),  # the one trial runner; predictions of a trained model
+    ("search.trial", "search.predict", "search.pack"),  # the one trial runner, trial packs; predictions
     ("search.optuna_private",),  # the Optuna internals the storage layer needs, in one place
     ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart", "search.artifacts",
      "search.provenance", "search.trackers"),  # Optuna: storage, studies, records; trackers, which read records

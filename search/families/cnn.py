@@ -3,7 +3,7 @@
 from models import build_cnn
 from search.family import Family
 from search.space import choice, integer, real
-from search.training import training_space
+from search.training import PACK_MEMBER_PARAMS, training_space
 
 MAX_BLOCKS = 4
 
@@ -32,6 +32,7 @@ FAMILY = Family(
         "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-3, "batch_size": 64, "epochs": 40,
     },
     study_results={"val_accuracy": 0.639, "test_accuracy": 0.5758, "test_loss": 1.193, "parameters": 162_064},
+    pack_members=(*PACK_MEMBER_PARAMS, "dropout"),
     n_trials=30,
     time_budget={"cpu": 900.0, "cuda": 300.0},
 )

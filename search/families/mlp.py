@@ -3,7 +3,7 @@
 from models import build_mlp
 from search.family import Family
 from search.space import choice, integer, real
-from search.training import training_space
+from search.training import PACK_MEMBER_PARAMS, training_space
 
 MAX_LAYERS = 6
 _STUDY_WIDTHS = (2048, 1024, 512, 256, 128)  # the study's best: 27,960,202 trainable parameters at 64x64
@@ -30,6 +30,7 @@ FAMILY = Family(
         "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-3, "batch_size": 512, "epochs": 40,
     },
     study_results={"val_accuracy": 0.399, "test_accuracy": 0.3766, "test_loss": 1.696, "parameters": 27_960_202},
+    pack_members=(*PACK_MEMBER_PARAMS, *(f"dropout_{i}" for i in range(1, MAX_LAYERS + 1))),
     n_trials=20,
     time_budget={"cpu": 600.0, "cuda": 120.0},
 )

@@ -23,6 +23,7 @@ FAMILY = Family(
     reference={"fc1": 200, "fc2": 100, "dropout": 0.05, "head_input": "features", "image_size": 96,
                "backbone_lr_factor": 0.1, "optimizer": "adam", "lr": 5e-4, "weight_decay": 1e-4, "batch_size": 64,
                "epochs": 20},
+    # no pack_members: a whole MobileNetV2 (depthwise convolutions, residual blocks) is not stacked, so it trains alone
     study_results={"val_accuracy": 0.871, "test_accuracy": 0.8813, "test_loss": 0.389, "parameters": "all"},
     n_trials=12,
     time_budget={"cpu": 1800.0, "cuda": 900.0},

@@ -4,7 +4,7 @@ from models import build_mobilenet
 from search.families._mobilenet import head_space
 from search.family import Family
 from search.space import choice
-from search.training import cached_augmentation_space, training_space
+from search.training import PACK_MEMBER_PARAMS, cached_augmentation_space, training_space
 
 FAMILY = Family(
     name="mobilenet_frozen",
@@ -23,6 +23,7 @@ FAMILY = Family(
     reference={"fc1": 400, "fc2": 100, "dropout": 0.05, "head_input": "features", "image_size": 96, "feature_views": 4,
                "optimizer": "adam", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 128, "epochs": 30},
     study_results={"val_accuracy": 0.855, "test_accuracy": 0.8294, "test_loss": 0.518, "parameters": "head only"},
+    pack_members=(*PACK_MEMBER_PARAMS, "dropout"),
     n_trials=30,
     time_budget={"cpu": 600.0, "cuda": 180.0},
 )
