@@ -24,7 +24,8 @@ TRADEOFF_PLOT_ID = "accuracy-size-latency"
 
 
 def save_tradeoff_plots(storage: optuna.storages.BaseStorage, prefix: str = "") -> int:
-    """Save the report's cross-model figure (accuracy against size and latency) on every study of `prefix`.
+    """Save the report's cross-model figure (accuracy against size and latency) on every study of `prefix`, its
+    panels stacked for the dashboard's half-width card.
 
     A dashboard plot belongs to one study, so each study gets the same figure, under a fixed id: saving again
     replaces it. Returns how many studies got it (none while no model has a completed trial).
@@ -35,7 +36,7 @@ def save_tradeoff_plots(storage: optuna.storages.BaseStorage, prefix: str = "") 
     from search.report.tradeoff import tradeoff_figure
 
     reports = collect(storage, prefix, importances=False)
-    figure = tradeoff_figure(reports)
+    figure = tradeoff_figure(reports, stacked=True)
     if figure is None:
         return 0
     for report in reports:

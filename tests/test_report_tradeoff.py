@@ -1,10 +1,12 @@
-"""The cross-model figure (accuracy against size and latency), its table, the dashboard copy, the hand-found row.
+"""The cross-model figure (accuracy against size and latency), side by side and stacked, its table, the dashboard
+copy, the hand-found row.
 
 Studies are written straight into storage with `create_trial`, so nothing trains here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -115,6 +117,31 @@ def test_figure_has_every_model_and_the_front(three_models: str) -> None:
     assert "trial #1 retrained" in next(t for t in figure.data if t.marker.symbol == "star").text[0]
 
 
+def test_stacked_figure_has_the_same_points_in_rows(three_models: str) -> None:
+    """The dashboard's form: the same traces, the latency panel under the size panel instead of beside it."""
+    from search.report.collect import collect
+    from search.report.figures import ACCURACY_TICKS
+    from search.report.tradeoff import tradeoff_figure
+
+    reports = collect(optuna.storages.RDBStorage(three_models), importances=False)
+    beside, stacked = tradeoff_figure(reports), tradeoff_figure(reports, stacked=True)
+
+    def traces(figure) -> list[tuple]:
+        return [(t.name, t.marker.symbol, tuple(t.x), tuple(t.y), t.xaxis, t.yaxis) for t in figure.data]
+
+    assert traces(stacked) == traces(beside)
+    layout = stacked.layout
+    assert tuple(layout.xaxis.domain) == tuple(layout.xaxis2.domain) == (0.0, 1.0)  # one column
+    assert layout.yaxis2.domain[1] < layout.yaxis.domain[0]  # latency below size, not overlapping
+    assert beside.layout.xaxis.domain[1] < beside.layout.xaxis2.domain[0]  # the report's: side by side
+    titles = [a.text for a in layout.annotations]
+    assert titles == ["against trainable parameters", "against ms per image, batch 256"]
+    assert layout.annotations[0].y > layout.annotations[1].y
+    for axis in (layout.yaxis, layout.yaxis2, beside.layout.yaxis):
+        assert axis.tickformat == ACCURACY_TICKS and tuple(axis.range) == (0.25, 0.65)  # 30% .. 62%, 2 to spare
+    assert layout.height == 450  # optuna-dashboard draws a saved figure in a card of 450 px
+
+
 def test_table_and_smallest_line(three_models: str) -> None:
     from search.report.collect import collect
     from search.report.tradeoff import smallest_line, tradeoff_table
@@ -170,6 +197,12 @@ def test_dashboard_gets_the_figure_on_every_study(three_models: str) -> None:
     assert set(first) == {"logreg", "cnn", "mlp"} and all(first.values())
     assert save_tradeoff_plots(storage) == 3
     assert plot_keys() == first  # the same id: replaced, not added
+    prefix = f"dashboard:plot_data:{TRADEOFF_PLOT_ID}:"  # the figure's JSON, in numbered pieces
+    for summary in storage.get_all_studies():
+        attrs = storage.get_study_system_attrs(summary._study_id)
+        pieces = sorted((int(key.removeprefix(prefix)), text) for key, text in attrs.items() if key.startswith(prefix))
+        saved = json.loads("".join(text for _, text in pieces))
+        assert saved["layout"]["xaxis2"]["domain"] == saved["layout"]["xaxis"]["domain"]  # stacked for the card
 
 
 def test_without_latency_or_completed_trials(tmp_path: Path) -> None:

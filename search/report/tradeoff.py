@@ -3,7 +3,8 @@
 Left panel: every finished trial (validation accuracy; pruned ones hollow) against its trainable parameters, the retrained bests
 (test accuracy) highlighted, and the Pareto front of the trials as a step line. Right panel: the retrained
 bests against their inference latency per image at batch 256; trials are not timed at inference, so only the
-bests are there. The dashboard saves the same figure on every study (`search.dashboard.save_tradeoff_plots`).
+bests are there. The dashboard saves the same figure on every study (`search.dashboard.save_tradeoff_plots`), with
+the panels stacked to fit its half-width card.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from optuna.trial import TrialState
 from plotly.subplots import make_subplots
 
 from search.report.collect import StudyReport
+from search.report.figures import accuracy_axis
 from search.report.tables import Table, count_text, percent
 
 MARGIN = 0.01  # "within 1 point of the best": one percentage point of accuracy
@@ -167,16 +169,26 @@ def _front(points: list[Point], cost: Callable[[Point], float], showlegend: bool
                       showlegend=showlegend, hoverinfo="skip")
 
 
-def tradeoff_figure(reports: list[StudyReport]) -> go.Figure | None:
-    """The two-panel figure, one colour per model; None when no model has a completed trial with a size."""
+def tradeoff_figure(reports: list[StudyReport], stacked: bool = False) -> go.Figure | None:
+    """The two-panel figure, one colour per model; None when no model has a completed trial with a size.
+
+    Side by side (sharing the accuracy axis) for the report's full width; `stacked`, one above the other in the
+    450 px of optuna-dashboard's half-width card, where side by side their titles run into each other.
+    """
     trials = trial_points(reports)
     pruned = trial_points(reports, TrialState.PRUNED)
     bests = [p for p in best_points(reports) if p.tested]
     if not trials and not bests and not pruned:
         return None
     timed = [p for p in bests if p.latency_ms]
-    figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06, subplot_titles=(
-        "against trainable parameters", "against latency (retrained bests only)"))
+    if stacked:
+        figure = make_subplots(rows=2, cols=1, vertical_spacing=0.2, subplot_titles=(
+            "against trainable parameters", "against ms per image, batch 256"))
+        latency_panel = {"row": 2, "col": 1}
+    else:
+        figure = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06, subplot_titles=(
+            "against trainable parameters", "against latency (retrained bests only)"))
+        latency_panel = {"row": 1, "col": 2}
 
     for index, report in enumerate(reports):
         colour = _PALETTE[index % len(_PALETTE)]
@@ -198,15 +210,27 @@ def tradeoff_figure(reports: list[StudyReport]) -> go.Figure | None:
                                       marker=star), row=1, col=1)
         if best_timed:
             figure.add_trace(_scatter(best_timed, _latency, mode="markers", showlegend=False, **style, marker=star),
-                             row=1, col=2)
+                             **latency_panel)
     figure.add_trace(_front(trials, _size, showlegend=True), row=1, col=1)
     if timed:
-        figure.add_trace(_front(timed, _latency, showlegend=not trials), row=1, col=2)
+        figure.add_trace(_front(timed, _latency, showlegend=not trials), **latency_panel)
     else:
         figure.add_annotation(text="no latency stored yet:<br>stl10-search best --force measures it", showarrow=False,
                               xref="x2 domain", yref="y2 domain", x=0.5, y=0.5)
-    figure.update_xaxes(type="log", title_text="trainable parameters", row=1, col=1)
-    figure.update_xaxes(type="log", title_text="ms per image, batch 256", row=1, col=2)
-    figure.update_yaxes(tickformat=".0%", title_text="accuracy (points: validation; stars: test)", row=1, col=1)
+    accuracy = accuracy_axis([p.accuracy for p in trials + pruned + bests])
+    figure.update_xaxes(type="log")
+    if stacked:  # the panels' titles name their x axes
+        figure.update_yaxes(title_text="accuracy", **accuracy)
+        figure.update_layout(title={"text": "Accuracy against size and latency", "font": {"size": 15},
+                                    "subtitle": {"text": "points: validation; stars: test"},
+                                    # below the mode bar, which the dashboard shows over the top 30 px
+                                    "yref": "container", "y": 1, "yanchor": "top", "pad": {"t": 35}},
+                             height=450, margin={"l": 60, "r": 15, "t": 105, "b": 10},
+                             legend={"orientation": "h", "y": -0.12, "yanchor": "top", "font": {"size": 11},
+                                     "tracegroupgap": 0})
+        return figure
+    figure.update_xaxes(title_text="trainable parameters", row=1, col=1)
+    figure.update_xaxes(title_text="ms per image, batch 256", row=1, col=2)
+    figure.update_yaxes(title_text="accuracy (points: validation; stars: test)", **accuracy, row=1, col=1)
     figure.update_layout(title=TITLE, height=480, legend={"orientation": "h", "y": -0.2})
     return figure
