@@ -98,7 +98,8 @@ class StackedLearner:
     def learning_rates(self, epoch: int) -> torch.Tensor:
         """[steps, K] float64: each member's rate at each step of `epoch`, base rate x its schedule's factor."""
         steps = self.steps_per_epoch
-        factors = [[lr_factor(p, step, steps) for p in self.params] for step in range((epoch - 1) * steps, epoch * steps)]
+        factors = [[lr_factor(p, step, steps) for p in self.params]
+                   for step in range((epoch - 1) * steps, epoch * steps)]
         return torch.tensor(factors, dtype=torch.float64).to(self.device, non_blocking=True) * self.base_lr
 
     def train_epoch(self, epoch: int, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
