@@ -292,6 +292,8 @@ def train_members(learner: Learner, source: BatchSource, members: Sequence[Membe
 
 
 class _EpochLoop:
+    """One run of `train_members`: the learner, its batches, the members' results, and the checkpoint."""
+
     def __init__(self, learner: Learner, source: BatchSource, results: list[MemberResult],
                  conditions: dict[str, str], checkpoint: Checkpoint | None) -> None:
         self.learner, self.source, self.results = learner, source, results
