@@ -199,10 +199,10 @@ def step_times(family: Family, members: list[Member], data: BenchData, config, d
             loss_fn(module(x), y).backward()
             optimizer.step()
 
-    lrs = pack.learning_rates(1, source.num_batches())
+    lrs = pack.learning_rates(1)
 
     def fused() -> None:
-        pack.train_epoch([(x, y)], lrs, None)
+        pack.train_steps([(x, y)], lrs)
 
     steps = {"alone": alone, "fused": fused}
     vmapped = _vmap_step(trained, members, x, y, lrs[0], pack.smoothing)

@@ -2,7 +2,7 @@
 
 The training parameters are declared once, as search dimensions (`training_space`), with their defaults and
 valid limits. Metrics stay on the device during an epoch and are read once at its end, so a CUDA run does
-not wait on the host after every batch. `search.trial.run_trial` runs the epochs.
+not wait on the host after every batch. `search.trial.train_members` runs the epochs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A pack's members share every parameter but the family's `pack_members` (learning rate, schedule, optimizer,
 weight decay, momentum, loss, dropout); each starts from its solo run's weights and sees its solo run's
 batches (the pack's data seed), so a member equals the trial it would have been alone. `run_pack` trains
-them (`runner`), `StackedOptimizer` steps them (`optim`), `pack_size` says how many fit (`size`).
+them through the epoch loop every trial runs through (`runner`, over `search.trial.train_members`),
+`StackedOptimizer` steps them (`optim`), `pack_size` says how many fit (`size`).
 """
 
 from search.pack.optim import StackedOptimizer

@@ -18,7 +18,7 @@ parameter costs a page-faulting allocation on every step on the CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -109,6 +109,23 @@ class StackedOptimizer:
                 second = self.second[index][rows] if self.second[index] is not None else None
                 update.apply(p[rows], p.grad[rows], self.first[index][rows], second, work, spare, scalars,
                              self._decays[run], self.steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count and the state slots, for a checkpoint; kinds and coefficients come with the members."""
+        return {"steps": self.steps, "first": list(self.first), "second": list(self.second)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the state of an optimizer of the same members (a ValueError for one of other shapes)."""
+        for slots, saved in ((self.first, state["first"]), (self.second, state["second"])):
+            if len(saved) != len(slots) or any(
+                    (slot is None) != (tensor is None) or (slot is not None and slot.shape != tensor.shape)
+                    for slot, tensor in zip(slots, saved)):
+                raise ValueError("the saved optimizer state is of other members or parameters")
+        for slots, saved in ((self.first, state["first"]), (self.second, state["second"])):
+            for slot, tensor in zip(slots, saved):
+                if slot is not None:
+                    slot.copy_(tensor)
+        self.steps = int(state["steps"])
 
     def keep(self, rows: Sequence[int]) -> None:
         """Go on with members `rows` only (the parameters were sliced the same way, in place)."""

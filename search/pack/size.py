@@ -84,7 +84,7 @@ def member_bytes(family: Family, params: dict[str, Any], parts: dict[str, ImageS
         baseline = torch.cuda.memory_allocated(device)
         pack, source = build_pack(family, [Member(params, seed) for seed in range(k)], parts, config, device, 0)
         torch.cuda.reset_peak_memory_stats(device)
-        pack.train_epoch(source.train_batches(1), pack.learning_rates(1, source.num_batches()), None, max_steps=1)
+        pack.train_steps(source.train_batches(1), pack.learning_rates(1), max_steps=1)
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - baseline)
         del pack, source
