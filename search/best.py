@@ -129,7 +129,7 @@ def retrain_and_test(
     family = settings.model_family()
     params = record.params_of(trial)
     best_epoch = int(record.best_epoch or params["epochs"])
-    seed = trial_seed(settings, trial)
+    seed = trial_seed(settings, record, trial.number)
     config = settings.data_config(**(data_overrides or {}))
 
     started = time.perf_counter()

@@ -154,15 +154,15 @@ def set_deadlines(studies: list[optuna.Study], seconds: float | None, weights: l
         study.set_user_attr(DEADLINE_ATTR, None if seconds is None else now + seconds * elapsed / total)
 
 
-def deadline_of(storage: optuna.storages.BaseStorage, study: optuna.Study) -> float | None:
+def deadline_of(storage: optuna.storages.BaseStorage, study_id: int) -> float | None:
     """The study's deadline as stored now (read from storage: a new search may have moved it)."""
-    return storage.get_study_user_attrs(storage.get_study_id_from_name(study.study_name)).get(DEADLINE_ATTR)
+    return storage.get_study_user_attrs(study_id).get(DEADLINE_ATTR)
 
 
-def trial_seed(settings: StudySettings, trial: optuna.Trial | FrozenTrial) -> int:
-    """A trial's seed: the one it was queued with (a re-run) or ran with, else the study seed plus its number."""
-    seed = TrialRecord.load(trial).seed
-    return int(seed) if seed is not None else settings.seed + trial.number
+def trial_seed(settings: StudySettings, record: TrialRecord, number: int) -> int:
+    """A trial's seed: the one its record holds (queued with, for a re-run, or run with), else the study seed plus
+    its number."""
+    return int(record.seed) if record.seed is not None else settings.seed + number
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -231,9 +231,8 @@ def state_name(trial: FrozenTrial, requeued: set[int]) -> str:
     return "failed" if trial.state == TrialState.FAIL else trial.state.name.lower()
 
 
-def count_trials(storage: optuna.storages.BaseStorage, study: optuna.Study) -> Counts:
+def count_trials(storage: optuna.storages.BaseStorage, study_id: int) -> Counts:
     """Trials per state, read from the storage itself (not a worker's cache) in one query."""
-    study_id = storage.get_study_id_from_name(study.study_name)
     return counts_of(storage.get_all_trials(study_id, deepcopy=False))
 
 
