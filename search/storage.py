@@ -43,6 +43,7 @@ from search.rdb_reads import FastReadRDBStorage, latest_and_best
 
 SQLITE_BUSY_TIMEOUT_S = 120
 LOCK_TIMEOUT_S = 120  # how long a process waits for another to finish creating a storage or starting a trial
+LOCK_POLL_S = 0.002  # how often a process waiting for a lock file looks again
 HEARTBEAT_INTERVAL_S = 30
 GRACE_PERIOD_S = 120
 MAX_RETRIES = 3
@@ -390,8 +391,13 @@ def _open_journal(url: str, path: Path, read_only: bool, retry_seconds: float) -
 
 @contextlib.contextmanager
 def _file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    """The file lock at `path`, waited for up to `timeout` seconds, looking every LOCK_POLL_S.
+
+    filelock looks every 50 ms by default: a worker that found the budget lock held (for the few milliseconds of
+    counting and asking) then slept longer than a tiny trial takes.
+    """
     try:
-        with FileLock(str(path), timeout=timeout):
+        with FileLock(str(path), timeout=timeout).acquire(poll_interval=LOCK_POLL_S):
             yield
     except Timeout:
         raise UserError(f"another process held {path} for over {timeout:.0f}s while {what}; "

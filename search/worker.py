@@ -86,6 +86,17 @@ def heartbeat(storage: optuna.storages.BaseStorage, study_id: int, trial: optuna
         thread.join()
 
 
+def stale_check_interval(storage: optuna.storages.BaseStorage) -> float:
+    """Seconds between two looks for the trials of dead workers (failed, then queued again): the heartbeat interval.
+
+    A trial turns stale only after it missed its beats for the whole grace period, so looking before every trial
+    (a query each time) finds nothing more: a dead worker's trial is still failed and queued again at most one
+    interval after its grace period ends. Without heartbeats there is nothing to look for.
+    """
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    return float(interval or POLL_SECONDS)
+
+
 def free_device_memory() -> None:
     """Give the GPU memory of a trial that ran out of it back to the other workers on the GPU; call it once nothing
     (no traceback either) refers to the trial's objects any more."""
@@ -250,9 +261,12 @@ def work(
         runner: StudyWork | None = None
         done[name] = failures = 0
         budget = settings.n_trials
+        next_stale_check = 0.0
         while not stop.is_set():
-            with contextlib.suppress(Exception):
-                optuna.storages.fail_stale_trials(study)
+            if time.perf_counter() >= next_stale_check:
+                with contextlib.suppress(Exception):
+                    optuna.storages.fail_stale_trials(study)
+                next_stale_check = time.perf_counter() + stale_check_interval(storage)
             deadline = deadline_of(storage, study_id)
             if deadline is not None and time.time() >= deadline:
                 study.set_user_attr(ENDED_ATTR, "time budget reached")
