@@ -49,16 +49,17 @@ def study_figures(report: StudyReport) -> dict[str, go.Figure]:
     if report.history:
         figures["learning curves"] = learning_curves(
             report.history, f"{report.title}: best trial #{report.best.number}, loss and accuracy per epoch")
+    plotted = report.plotted  # at most PLOTTED_TRIALS completed trials, a copy in memory (see collect.Plotted)
     if report.best is not None:
-        figures["optimization history"] = optuna.visualization.plot_optimization_history(
-            report.study, target_name=OBJECTIVE_NAME)
+        figures["optimization history"] = plotted.renumbered(optuna.visualization.plot_optimization_history(
+            plotted.study, target_name=OBJECTIVE_NAME))
         figures["parallel coordinate"] = optuna.visualization.plot_parallel_coordinate(
-            report.study, target_name=OBJECTIVE_NAME)
+            plotted.study, target_name=OBJECTIVE_NAME)
     if report.importances:
         with warnings.catch_warnings():  # the same small-study warning that collect() silences
             warnings.simplefilter("ignore", UserWarning)
             figures["parameter importances"] = optuna.visualization.plot_param_importances(
-                report.study, target_name=OBJECTIVE_NAME)
+                plotted.params_study, evaluator=plotted.importances, target_name=OBJECTIVE_NAME)
     if report.result:
         figures["test confusion matrix"] = confusion_figure(
             report.result, f"{report.title}: test confusion matrix (trial #{report.result.trial})")
