@@ -163,3 +163,12 @@ def test_gpu_check_runs_with_only_torch_torchvision_and_the_wheels_its_header_li
                             env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "all steps passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_large_study_benchmark_prints_a_row_per_size(tmp_path, capsys) -> None:
+    import bench.large_study
+
+    bench.large_study.main(["--sizes", "3,12", "--more", "1", "--work-dir", str(tmp_path)])
+    table = capsys.readouterr().out.split("\n-")[1].splitlines()[1:]
+    assert [line.split("|")[0].strip() for line in table if "|" in line] == ["3", "12"]
