@@ -15,7 +15,7 @@ images, 1 epoch), so storage and process overhead dominate. trials/min counts fr
 to the last one's end (process and data start-up excluded); wall s is the whole command. On CUDA, GPU busy %
 is the mean of `nvidia-smi` utilization samples in that same span, and memory the highest sample.
 
-Part 2 (in this process, CPU, tiny trials) is the share of a trial spent in storage calls.
+Part 2 (in this process, CPU, tiny trials) is the share of a trial spent in storage calls, and the calls\nper trial by method.
 Part 3, only with --prune-trials N, runs a real small search (--prune-model at 32 px, --prune-epochs budget)
 on --data-root with Hyperband pruning and without, with the most workers of part 1.
 """
@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -189,52 +190,65 @@ def sampling(gpu: int | None, interval_ms: int, log_path: Path | None) -> Iterat
         yield sampler
 
 
-def storage_seconds_per_trial(data_root: Path, trials: int) -> tuple[float, float]:
-    """In one process: seconds per trial spent in storage calls, and seconds per trial in all."""
+@dataclass
+class StorageUse:
+    """What a worker's tiny trials spent in storage calls, per trial."""
+
+    seconds: float  # in storage calls, from the worker's thread (the heartbeat thread's beats are not counted)
+    cpu_seconds: float  # the worker thread's CPU time in them: less moved by other processes on the machine
+    total: float  # the whole trial
+    calls: dict[str, float]  # storage calls by method name
+    call_cpu_seconds: dict[str, float]  # the worker thread's CPU time in them, by method name
+
+
+def storage_use_per_trial(data_root: Path, trials: int) -> StorageUse:
+    """In one process: a worker's tiny trials, with every call on the storage object it works on timed.
+
+    The storage object every caller gets (`open_storage`'s wrapper) is timed, not Optuna's RDBStorage beneath
+    it: that counts what goes through Optuna's cache and the retrying wrapper too, and every call, including
+    the ones Optuna's cache makes to private methods of the RDBStorage (a parameter write, a trial's creation).
+    """
     from search.pipeline import resolve_device
     from search.storage import open_storage
     from search.studies import StudySettings, create_or_update
     from search.worker import work
 
+    from search.optuna_private import BaseHeartbeat
+
     spent = [0.0]
-    depth = [0]  # storage methods call each other: time the outermost call only
-    timed = ("get_", "set_", "create_", "record_", "_get", "check_", "read_", "get_n_trials", "get_all_trials")
-    storage_class = optuna.storages.RDBStorage
-    originals = {}
-    for name in dir(storage_class):
-        if name.startswith(timed) and callable(getattr(storage_class, name)) and name not in originals:
-            originals[name] = getattr(storage_class, name)
+    calls: Counter[str] = Counter()
+    cpu: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/studies.db"
+        storage = open_storage(url)
+        settings = StudySettings("logreg", trials, pruner="none", space={"epochs": 1},
+                                 data={"dataset": "imagefolder", "data_root": str(data_root), "val_fraction": 0.3,
+                                       "split_seed": 0, "image_size": 16, "weights": None})
+        create_or_update(storage, "logreg", settings)
+        for name in {n for n in dir(optuna.storages.BaseStorage) + dir(BaseHeartbeat) if not n.startswith("__")}:
+            method = getattr(storage, name, None)
+            if not callable(method):
+                continue
 
-            def wrapper(self, *args, __f=originals[name], **kwargs):
+            def timed(*args, __method=method, __name=name, **kwargs):
                 if threading.current_thread() is not threading.main_thread():  # the heartbeat thread
-                    return __f(self, *args, **kwargs)
-                depth[0] += 1
-                started = time.perf_counter()
+                    return __method(*args, **kwargs)
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 try:
-                    return __f(self, *args, **kwargs)
+                    return __method(*args, **kwargs)
                 finally:
-                    depth[0] -= 1
-                    if depth[0] == 0:
-                        spent[0] += time.perf_counter() - started
+                    spent[0] += time.perf_counter() - started
+                    cpu[__name] += time.thread_time() - started_cpu
+                    calls[__name] += 1
 
-            setattr(storage_class, name, wrapper)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            url = f"sqlite:///{tmp}/studies.db"
-            storage = open_storage(url)
-            settings = StudySettings("logreg", trials, pruner="none", space={"epochs": 1},
-                                     data={"dataset": "imagefolder", "data_root": str(data_root), "val_fraction": 0.3,
-                                           "split_seed": 0, "image_size": 16, "weights": None})
-            create_or_update(storage, "logreg", settings)
-            spent[0] = 0.0
-            started = time.perf_counter()
-            work(storage, ["logreg"], resolve_device("cpu"), threading.Event(), log=lambda line: None,
-                 data_overrides={"cache_dir": Path(tmp) / "cache"})
-            total = time.perf_counter() - started
-    finally:
-        for name, original in originals.items():
-            setattr(storage_class, name, original)
-    return spent[0] / trials, total / trials
+            setattr(storage, name, timed)
+        started = time.perf_counter()
+        work(storage, ["logreg"], resolve_device("cpu"), threading.Event(), log=lambda line: None,
+             data_overrides={"cache_dir": Path(tmp) / "cache"})
+        total = time.perf_counter() - started
+    return StorageUse(spent[0] / trials, sum(cpu.values()) / trials, total / trials,
+                      {name: n / trials for name, n in calls.most_common()},
+                      {name: seconds / trials for name, seconds in cpu.most_common()})
 
 
 def parse_counts(text: str, flag: str) -> list[int]:
@@ -358,9 +372,13 @@ def main() -> None:
         throughput(args, launch, tiny if tiny_data else args.data_root, workdir, cache)
 
         if args.storage_trials > 0:
-            storage_s, trial_s = storage_seconds_per_trial(tiny, args.storage_trials)
+            use = storage_use_per_trial(tiny, args.storage_trials)
             print(f"\nPart 2: storage time per tiny trial (1 CPU worker, in process, {args.storage_trials} trials): "
-                  f"{storage_s * 1000:.0f} ms of {trial_s * 1000:.0f} ms ({storage_s / trial_s:.0%})")
+                  f"{use.seconds * 1000:.1f} ms of {use.total * 1000:.0f} ms ({use.seconds / use.total:.0%}; CPU "
+                  f"{use.cpu_seconds * 1000:.1f} ms), "
+                  f"{sum(use.calls.values()):.1f} storage calls; per trial, calls (CPU ms) by method:\n  "
+                  + ", ".join(f"{name} {n:.2g} ({use.call_cpu_seconds[name] * 1000:.1f})"
+                              for name, n in use.calls.items() if n >= 0.1))
         if args.prune_trials > 0:
             workers = max(parse_counts(args.workers_per_gpu if cuda else args.workers, "--workers"))
             pruning(args, launch, workers, workdir, cache)

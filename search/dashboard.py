@@ -28,14 +28,16 @@ def save_tradeoff_plots(storage: optuna.storages.BaseStorage, prefix: str = "") 
     panels stacked for the dashboard's half-width card.
 
     A dashboard plot belongs to one study, so each study gets the same figure, under a fixed id: saving again
-    replaces it. Returns how many studies got it (none while no model has a completed trial).
+    replaces it. Returns how many studies got it (none while no model has a completed trial). Its points are each
+    study's PLOTTED_TRIALS most recent trials and its best tenth of that many (every trial of a smaller study),
+    read without the rest: `best` refreshes it, and its cost must not grow with the studies.
     """
     from optuna_dashboard import save_plotly_graph_object
 
-    from search.report.collect import collect
+    from search.report.collect import PLOTTED_TRIALS, collect
     from search.report.tradeoff import tradeoff_figure
 
-    reports = collect(storage, prefix, importances=False)
+    reports = collect(storage, prefix, importances=False, latest=PLOTTED_TRIALS)
     figure = tradeoff_figure(reports, stacked=True)
     if figure is None:
         return 0
@@ -47,8 +49,8 @@ def save_tradeoff_plots(storage: optuna.storages.BaseStorage, prefix: str = "") 
 def save_dashboard_plots(storage: optuna.storages.BaseStorage, study: optuna.Study, result: BestResult) -> None:
     """Store the tested trial's curves and the test confusion matrix as the study's custom dashboard plots.
 
-    Fixed plot ids, so running `best` again replaces the plots instead of adding more. The cross-model figure
-    is refreshed on every study of the same prefix too, as this result changes it.
+    Fixed plot ids, so running `best` again replaces the plots instead of adding more. The cross-model figure,
+    which this result changes too, is refreshed once `best` has tested every study (`save_tradeoff_plots`).
     """
     from optuna_dashboard import save_plotly_graph_object
 
@@ -64,7 +66,6 @@ def save_dashboard_plots(storage: optuna.storages.BaseStorage, study: optuna.Stu
         save_plotly_graph_object(study, figure, graph_object_id=CURVES_PLOT_ID)
     figure = confusion_figure(result, f"{title}: test confusion matrix (trial #{trial.number} retrained)")
     save_plotly_graph_object(study, figure, graph_object_id=CONFUSION_PLOT_ID)
-    save_tradeoff_plots(storage, prefix=study.study_name.removesuffix(family))
 
 
 def check_host(host: str, allow_remote: bool) -> str | None:

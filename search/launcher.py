@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.errors import UserError
+from search.optuna_private import study_id
 from search.progress import ProgressDisplay, StudyStatus, summary_lines
 from search.records import TrialRecord
 from search.studies import ENDED_ATTR, count_trials, counts_of, requeued_numbers, search_seconds
@@ -217,7 +218,8 @@ def start_workers(slots: list[WorkerSlot], models: list[str], url: str, extra_ar
 def study_status(study: optuna.Study, storage) -> StudyStatus:
     """The study as the progress display shows it, read from the storage now."""
     attrs = study.user_attrs
-    return StudyStatus(study.study_name, (attrs.get("settings") or {}).get("n_trials"), count_trials(storage, study),
+    return StudyStatus(study.study_name, (attrs.get("settings") or {}).get("n_trials"),
+                       count_trials(storage, study_id(study)),
                        best_value(study), attrs.get("deadline"))
 
 

@@ -9,6 +9,8 @@ optuna-dashboard 0.21.0.
 - `register_study_artifact`: Optuna's artifact metadata, written after the file (its `upload_artifact`
   registers first and writes second, so a full disk left a registered, broken file).
 - `study_id`: a study's storage id without a second lookup (the uid of a study made before uids were stored).
+- `rdb_models`: the tables of Optuna's RDB storage, which `search.rdb_reads` reads with SQLAlchemy Core (its ORM
+  took 11 s to load 10,000 trials), overriding `RDBStorage._get_trials` and `get_trial`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal._file import get_lock_file
 
-__all__ = ["BaseHeartbeat", "get_lock_file", "register_study_artifact", "study_id"]
+__all__ = ["BaseHeartbeat", "get_lock_file", "rdb_models", "register_study_artifact", "study_id"]
+
+
+def rdb_models() -> Any:
+    """The module of Optuna's RDB models: its table objects (`TrialModel.__table__`, ...), the stored forms of
+    infinite and NaN values (`TrialValueModel.stored_repr_to_value`, ...) and NOT_FOUND_MSG."""
+    from optuna.storages._rdb import models
+
+    return models
 
 
 def study_id(study: optuna.Study) -> int:

@@ -11,7 +11,9 @@ written by an earlier release still loads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -66,8 +68,7 @@ class TrialRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The record as plain JSON values, as stored and as the report's JSON writes it."""
-        values = dataclasses.asdict(self)
-        return {"version": RECORD_VERSION, **values}
+        return {"version": RECORD_VERSION, **_plain(self)}
 
     def save(self, trial: Any) -> None:
         """Store the whole record on a running trial: one storage write."""
@@ -108,6 +109,26 @@ class TrialRecord:
         """Stopped by the time budget: it ran fewer epochs than its budget and was not pruned or failed."""
         return bool(self.history and self.params and len(self.history) < int(self.params["epochs"])
                     and self.reason and self.reason.startswith("time budget"))
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` for records of JSON values: dataclasses as dicts and containers copied as it does, but
+    numbers and strings shared, not deep-copied. A report of 10,000 trials spent 9 s in asdict."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    names = _field_names(type(value))
+    if names is None:
+        return copy.deepcopy(value)
+    return {name: _plain(getattr(value, name)) for name in names}
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    return tuple(f.name for f in fields(kind)) if dataclasses.is_dataclass(kind) else None
 
 
 def retried_number(trial: FrozenTrial) -> int | None:

@@ -16,7 +16,7 @@ from search.errors import UserError
 from search.space import Dim
 from search.storage import open_storage, redact, storage_file
 from search.records import TrialRecord, trial_params
-from search.studies import SETTINGS_ATTR, existing_study_names
+from search.studies import SETTINGS_ATTR, existing_study_names, stored_studies
 
 
 def parse_source(text: str) -> tuple[str, str | None]:
@@ -38,7 +38,7 @@ def source_study(url: str, name: str | None, study_name: str, family: str) -> op
         if study_name in names:
             name = study_name
         else:
-            same_family = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+            same_family = [s.study_name for s in stored_studies(storage)
                            if (s.user_attrs.get(SETTINGS_ATTR) or {}).get("family") == family]
             if len(same_family) != 1:
                 raise UserError(f"--warm-start: {redact(url)} has no study {study_name!r} and "

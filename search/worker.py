@@ -61,15 +61,14 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+def heartbeat(storage: optuna.storages.BaseStorage, study_id: int, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat in a thread, so that if this process dies the trial is failed and re-run."""
     interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
     if not interval:
         yield
         return
     stop = threading.Event()
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                               trial.number)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
     def beat() -> None:
         while True:
@@ -85,6 +84,17 @@ def heartbeat(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: 
     finally:
         stop.set()
         thread.join()
+
+
+def stale_check_interval(storage: optuna.storages.BaseStorage) -> float:
+    """Seconds between two looks for the trials of dead workers (failed, then queued again): the heartbeat interval.
+
+    A trial turns stale only after it missed its beats for the whole grace period, so looking before every trial
+    (a query each time) finds nothing more: a dead worker's trial is still failed and queued again at most one
+    interval after its grace period ends. Without heartbeats there is nothing to look for.
+    """
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    return float(interval or POLL_SECONDS)
 
 
 def free_device_memory() -> None:
@@ -156,7 +166,7 @@ class StudyWork:
     def _run(self, trial: optuna.Trial, record: TrialRecord, deadline: float | None) -> Outcome:
         params = self.family.relevant({**self.family.resolve(), **suggest(trial, self.dims)})
         self.family.validate(params)
-        record.params, record.seed = params, trial_seed(self.settings, trial)
+        record.params, record.seed = params, trial_seed(self.settings, record, trial.number)
         record.worker, record.device = f"{socket.gethostname()}:{os.getpid()}", str(self.device)
         record.threads, record.provenance = torch.get_num_threads(), provenance().host()
         record.save(trial)  # what the trial runs with, before it runs: one storage write
@@ -246,20 +256,24 @@ def work(
     done: dict[str, int] = {}
     for name in study_names:
         study, settings = load_for_work(storage, name, seed_offset)
+        study_id = storage.get_study_id_from_name(name)  # fixed for the study's life: looked up once
         config = settings.data_config(**(data_overrides or {}))
         runner: StudyWork | None = None
         done[name] = failures = 0
         budget = settings.n_trials
+        next_stale_check = 0.0
         while not stop.is_set():
-            with contextlib.suppress(Exception):
-                optuna.storages.fail_stale_trials(study)
-            deadline = deadline_of(storage, study)
+            if time.perf_counter() >= next_stale_check:
+                with contextlib.suppress(Exception):
+                    optuna.storages.fail_stale_trials(study)
+                next_stale_check = time.perf_counter() + stale_check_interval(storage)
+            deadline = deadline_of(storage, study_id)
             if deadline is not None and time.time() >= deadline:
                 study.set_user_attr(ENDED_ATTR, "time budget reached")
                 log(f"[{name}] time budget reached; no new trial starts")
                 break
             with budget_lock(storage, name):
-                counts = count_trials(storage, study)
+                counts = count_trials(storage, study_id)
                 full = budget is not None and counts.finished >= budget
                 trial = study.ask() if not full and (budget is None or counts.committed < budget) else None
             if full:
@@ -272,7 +286,7 @@ def work(
             record = TrialRecord.load(trial).queued(trial.number)  # what it was queued with, if anything
             started = time.perf_counter()
             try:
-                with heartbeat(storage, study, trial):
+                with heartbeat(storage, study_id, trial):
                     outcome = runner.run(trial, record, deadline)
             except StopRequested as stopped:
                 with _unless_already_finished(log, trial):

@@ -210,3 +210,12 @@ def test_pack_bench_runs_k_worker_processes_and_reports_a_failed_one(tiny_imagef
     members[1].params["batch_size"] = 0  # this process's trial fails
     with pytest.raises(SystemExit, match="a worker process failed: ValueError"):
         time_processes(args, family, members)
+
+
+@pytest.mark.slow
+def test_the_large_study_benchmark_prints_a_row_per_size(tmp_path, capsys) -> None:
+    import bench.large_study
+
+    bench.large_study.main(["--sizes", "3,12", "--more", "1", "--work-dir", str(tmp_path)])
+    table = capsys.readouterr().out.split("\n-")[1].splitlines()[1:]
+    assert [line.split("|")[0].strip() for line in table if "|" in line] == ["3", "12"]

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("search.features", "search.family", "search.families."),  # frozen-backbone features; model families
     ("search.trial", "search.predict", "search.pack"),  # the one trial runner, trial packs; predictions
     ("search.optuna_private",),  # the Optuna internals the storage layer needs, in one place
-    ("search.storage", "search.studies", "search.records", "search.progress", "search.warmstart", "search.artifacts",
+    ("search.storage", "search.rdb_reads", "search.studies", "search.records", "search.progress", "search.warmstart", "search.artifacts",
      "search.provenance", "search.trackers"),  # Optuna: storage, studies, records; trackers, which read records
     ("search.worker", "search.best", "search.launcher", "search.bundle"),  # running trials, retraining the best
     ("search.report", "search.dashboard"),  # what users read

@@ -83,3 +83,19 @@ def test_best_and_report_read_a_study_written_by_release_0_1_0(v1_storage: str, 
     studies = json.loads((tmp_path / "report" / "report.json").read_text())["studies"]
     assert [len(s["trials"]) for s in studies] == [11, 4]
     assert studies[0]["best_result"]["test_accuracy"] == pytest.approx(0.8333, abs=1e-4)
+
+
+def test_a_record_as_json_is_what_dataclasses_asdict_gives() -> None:
+    """to_json copies no number or string (a report of 10,000 trials spent 9 s in asdict), and gives the same."""
+    import dataclasses
+
+    from search.records import RECORD_VERSION
+    from search.training import EpochMetrics
+
+    record = TrialRecord(seed=3, first_number=1, params={"lr": 0.01, "widths": (64, 32), "optimizer": "adam"},
+                         worker="h:1", device="cpu", threads=2, trainable_parameters=10,
+                         history=[EpochMetrics(e, 1.0, 0.5, 1.1, 0.4, 0.2) for e in (1, 2)], best_epoch=2,
+                         reason="completed", seconds=1.5, provenance={"gpus": [{"name": "x"}], "threads": 2})
+    assert record.to_json() == {"version": RECORD_VERSION, **dataclasses.asdict(record)}
+    assert record.to_json()["params"] is not record.params and record.to_json()["history"][0] == {
+        "epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.4, "seconds": 0.2}

@@ -87,6 +87,46 @@ def test_worker_finishes_exactly_the_budget_and_records_each_trial(tiny_search) 
     assert any("loading imagefolder at 16px" in line for line in lines)
 
 
+def _counted_work(tiny_search, url: str) -> Counter:
+    """Run a worker on `url`, counting the calls its own thread makes on the storage, by method."""
+    from search.optuna_private import BaseHeartbeat
+
+    storage = open_storage(url)
+    calls: Counter = Counter()
+    for name in {n for n in dir(optuna.storages.BaseStorage) + dir(BaseHeartbeat) if not n.startswith("__")}:
+        method = getattr(storage, name, None)
+        if callable(method):
+            def counted(*args, __method=method, __name=name, **kwargs):
+                if threading.current_thread() is threading.main_thread():  # not the heartbeat thread
+                    calls[__name] += 1
+                return __method(*args, **kwargs)
+
+            setattr(storage, name, counted)
+    work(storage, ["logreg"], CPU, threading.Event(), data_overrides={"cache_dir": tiny_search.cache_dir},
+         log=lambda line: None)
+    return calls
+
+
+def test_each_epoch_writes_one_report_and_each_trial_a_fixed_number_of_writes(tiny_search, tmp_path) -> None:
+    """Storage is written once per epoch (the validation accuracy), and per trial its record twice and a fixed
+    number of Optuna's own writes, whatever the epochs; dead workers' trials are looked for once per heartbeat
+    interval, not before every trial."""
+    trials = 3
+    writes = {}
+    for epochs in (1, 3):
+        url = f"sqlite:///{tmp_path / f'epochs-{epochs}.db'}"
+        tiny_search.create(url, trials, "--param", f"epochs={epochs}", "--pruner", "none")
+        calls = _counted_work(tiny_search, url)
+        assert calls["set_trial_intermediate_value"] == trials * epochs
+        assert calls["set_trial_user_attr"] == trials * 2  # the record when the trial starts and when it ends
+        assert calls["_get_stale_trial_ids"] == 1  # the heartbeat interval (30 s) did not pass
+        writes[epochs] = {name: n for name, n in calls.items()
+                          if name.startswith(("set_", "create_", "delete_", "_set", "_create"))}
+    per_epoch = {name: (writes[3].get(name, 0) - writes[1].get(name, 0)) / (trials * 2)
+                 for name in writes[1].keys() | writes[3].keys()}
+    assert {name: n for name, n in per_epoch.items() if n} == {"set_trial_intermediate_value": 1}
+
+
 def test_worker_on_a_study_whose_budget_is_met_leaves_at_once(tiny_search) -> None:
     url = tiny_search.sqlite_url
     tiny_search.create(url, 2)

@@ -92,12 +92,14 @@ def _spread(trials: list[FrozenTrial], name: str) -> float:
 
 
 def parallel_coordinate(report: StudyReport) -> go.Figure | None:
-    """Optuna's parallel-coordinate plot of the parameters `parallel_params` picks, with the validation accuracy
-    (its axis, colour bar and hover text) in percent; None when no parameter varied."""
+    """Optuna's parallel-coordinate plot of the parameters `parallel_params` picks, over the report's plotted
+    trials, with the validation accuracy (its axis, colour bar and hover text) in percent; None when no parameter
+    varied."""
     params = parallel_params(report)
     if not params:
         return None
-    figure = optuna.visualization.plot_parallel_coordinate(report.study, params=params, target_name=OBJECTIVE_NAME)
+    figure = optuna.visualization.plot_parallel_coordinate(report.plotted.study, params=params,
+                                                           target_name=OBJECTIVE_NAME)
     labels = list(figure.layout.xaxis.ticktext)
     objective = labels.index(OBJECTIVE_NAME)  # the value labels of an axis are annotations at its x
     figure.for_each_annotation(lambda a: a.update(text=_percent_text(a.text)), selector={"x": objective})
@@ -131,8 +133,10 @@ def study_figures(report: StudyReport) -> dict[str, go.Figure]:
     if report.history:
         figures["learning curves"] = learning_curves(
             report.history, f"{report.title}: best trial #{report.best.number}, loss and accuracy per epoch")
+    plotted = report.plotted  # at most PLOTTED_TRIALS completed trials, a copy in memory (see collect.Plotted)
     if report.best is not None:
-        history = optuna.visualization.plot_optimization_history(report.study, target_name=OBJECTIVE_NAME)
+        history = plotted.renumbered(optuna.visualization.plot_optimization_history(
+            plotted.study, target_name=OBJECTIVE_NAME))
         history.update_yaxes(**accuracy_axis(t.value for t in report.trials if t.state == TrialState.COMPLETE))
         figures["optimization history"] = history
         parallel = parallel_coordinate(report)
@@ -142,7 +146,7 @@ def study_figures(report: StudyReport) -> dict[str, go.Figure]:
         with warnings.catch_warnings():  # the same small-study warning that collect() silences
             warnings.simplefilter("ignore", UserWarning)
             figures["parameter importances"] = optuna.visualization.plot_param_importances(
-                report.study, target_name=OBJECTIVE_NAME)
+                plotted.params_study, evaluator=plotted.importances, target_name=OBJECTIVE_NAME)
     if report.result:
         figures["test confusion matrix"] = confusion_figure(
             report.result, f"{report.title}: test confusion matrix (trial #{report.result.trial})")

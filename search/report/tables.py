@@ -194,10 +194,11 @@ def per_class_table(report: StudyReport) -> Table:
 
 
 def trials_table(report: StudyReport) -> Table:
-    """Every trial with its state and why it ended, so diverged, pruned and failed runs stay visible."""
+    """Each trial with its state and why it ended, so diverged, pruned and failed runs stay visible; a large study
+    lists `report.table_trials` (its notes say which)."""
     rows = []
     requeued = report.requeued
-    for t in report.trials:
+    for t in report.table_trials:
         searched = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(t.params.items()))
         record = report.record(t)
         number = f"{t.number} (hand-found)" if record.reference else str(t.number)
