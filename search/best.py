@@ -72,6 +72,11 @@ def measure_latency(model: torch.nn.Module, image_size: int, device: torch.devic
     Returns the result's fields: {"latency_ms": {"batch_1": ms, "batch_256": ms}, "latency_iqr_ms": {...},
     "latency_threads": n}.
     """
+    import logging
+
+    # torch.utils.benchmark imports cpp_extension, which warns "No CUDA runtime is found" on every machine where a
+    # CUDA build of torch runs without a GPU (pip's default build on a laptop): a line that says nothing to a user
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.benchmark import Timer
 
     model.eval()
@@ -142,6 +147,9 @@ def retrain_and_test(
         log(f"[{study.study_name}] trial #{trial.number} was stopped by the time budget after epoch "
             f"{len(record.history)} of {params['epochs']}: it is retrained on the same schedule up to its best epoch, "
             f"{best_epoch}")
+    if record.pack_id is not None:
+        log(f"[{study.study_name}] trial #{trial.number} trained in pack #{record.pack_id} of {record.pack_size}: it is "
+            f"retrained alone, with its seed {seed} and the pack's batches (data seed {record.data_seed})")
     log(f"[{study.study_name}] retraining trial #{trial.number} for {best_epoch} epoch(s) on "
         f"{'train+validation' if full_train else 'train'} ({device})")
     size = family.size_for(params, config.image_size)
@@ -151,7 +159,8 @@ def retrain_and_test(
         trained = run_trial(family, params, parts, config, device, seed, stop_after=best_epoch,
                             on_epoch=lambda m: log(f"[{study.study_name}] epoch {m.epoch}/{best_epoch}: train loss "
                                                    f"{m.train_loss:.4f}, val accuracy {m.val_accuracy:.2%} "
-                                                   f"({m.seconds:.1f}s)"))
+                                                   f"({m.seconds:.1f}s)"),
+                            data_seed=record.data_seed)
     test = trained.evaluate("test", device)
     seconds = time.perf_counter() - started
 
@@ -160,7 +169,8 @@ def retrain_and_test(
     result = BestResult(
         trial=trial.number,
         val_accuracy=trial.value,
-        # the same params and seed on the CPU reproduce the trial: this equals val_accuracy unless full_train
+        # the same params and seeds on the CPU reproduce a solo trial: this equals val_accuracy unless full_train;
+        # a pack member's is within a point of it (tests/test_packs_in_search.py)
         retrained_val_accuracy=trained.history[-1].val_accuracy if trained.history else None,
         test_loss=test.loss,
         test_accuracy=test.accuracy,
@@ -172,6 +182,7 @@ def retrain_and_test(
         params=params,
         epochs=best_epoch,
         seed=seed,
+        data_seed=record.data_seed,
         seconds=seconds,
         full_train=full_train,
         device=str(device),

@@ -53,6 +53,9 @@ class TrialRecord:
     retry_of: int | None = None  # the interrupted trial this one runs again
     warm_start: str | None = None  # "URL#STUDY trial #N" it was copied from
     provenance: dict[str, Any] | None = None  # what ran it: versions, commit, device, command
+    data_seed: int | None = None  # seed of its batch order and augmentation, when not `seed` (a pack's leader's)
+    pack_id: int | None = None  # the trial pack it trained in: its leader's first trial number
+    pack_size: int | None = None  # how many trials that pack started with
 
     @classmethod
     def load(cls, trial: FrozenTrial | Any) -> TrialRecord:
@@ -81,9 +84,11 @@ class TrialRecord:
 
     def queued(self, number: int) -> TrialRecord:
         """A fresh record for trial `number` that keeps what it was queued with: a re-run's seed and the number
-        it continues, the hand-found setting, a warm start's source (a failed attempt's curves are dropped)."""
+        it continues, the hand-found setting, a warm start's source, its pack and data seed (a failed attempt's
+        curves are dropped)."""
         return TrialRecord(seed=self.seed, first_number=self.first_number if self.first_number is not None else number,
-                           reference=self.reference, retry_of=self.retry_of, warm_start=self.warm_start)
+                           reference=self.reference, retry_of=self.retry_of, warm_start=self.warm_start,
+                           data_seed=self.data_seed, pack_id=self.pack_id, pack_size=self.pack_size)
 
     @classmethod
     def scalar_fields(cls) -> list[str]:
@@ -149,7 +154,7 @@ class BestResult:
 
     trial: int
     val_accuracy: float | None
-    retrained_val_accuracy: float | None  # equals val_accuracy on the CPU unless full_train
+    retrained_val_accuracy: float | None  # equals a solo trial's val_accuracy on the CPU unless full_train
     test_loss: float
     test_accuracy: float
     test_images: int
@@ -170,6 +175,7 @@ class BestResult:
     artifact_file: str | None = None
     provenance: dict[str, Any] | None = None
     bundle: str | None = None  # where `export` last wrote its bundle
+    data_seed: int | None = None  # seed of the batch order, when not `seed`: a pack member's (its pack's leader's)
 
     @classmethod
     def load(cls, study: Any) -> BestResult | None:

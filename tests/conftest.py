@@ -104,12 +104,14 @@ class TinySearch:
                      "--param", "epochs=2", *self.data_args(), *extra]) == 0
 
     def start_worker(self, url: str, *extra: str, name: str = "worker"):
-        """`python -m search.cli worker` on the CPU with one thread; its output goes to FOLDER/NAME.log."""
+        """`python -m search.cli worker` on the CPU with one thread; its output goes to FOLDER/NAME.log. Its
+        trials run alone unless `extra` says --pack (logreg's default on the CPU is packs of 8)."""
         import subprocess
         import sys
 
+        alone = [] if "--pack" in extra else ["--pack", "1"]
         command = [sys.executable, "-m", "search.cli", "worker", "--model", "logreg", "--storage", url,
-                   "--device", "cpu", "--threads", "1", "--cache-dir", str(self.cache_dir), *extra]
+                   "--device", "cpu", "--threads", "1", "--cache-dir", str(self.cache_dir), *alone, *extra]
         with open(self.folder / f"{name}.log", "w") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL)

@@ -202,7 +202,7 @@ def test_a_killed_worker_s_trial_is_run_again_and_the_budget_stays_exact(tiny_se
     url, prefix = kind_url
     tiny_search.create(url, 2, "--param", "epochs=300", "--pruner", "none", "--study-prefix", prefix)
     study = optuna.load_study(study_name=f"{prefix}logreg", storage=open_storage(url))
-    doomed = tiny_search.start_worker(url, *HEARTBEAT, "--study-prefix", prefix, name="doomed")
+    doomed = tiny_search.start_worker(url, *HEARTBEAT, "--study-prefix", prefix, "--pack", "2", name="doomed")
     _wait(lambda: _mid_trial(study) is not None or doomed.poll() is not None, "a trial in the middle of its epochs")
     victim = _mid_trial(study)
     assert victim is not None, tiny_search.output("doomed")
@@ -212,10 +212,15 @@ def test_a_killed_worker_s_trial_is_run_again_and_the_budget_stays_exact(tiny_se
     _finish(tiny_search, tiny_search.start_worker(url, *HEARTBEAT, "--study-prefix", prefix, name="rescuer"),
             "rescuer")
     trials = study.get_trials(deepcopy=False)
-    assert [t.number for t in trials if t.state == TrialState.FAIL] == [victim.number]
-    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert retry.state in FINISHED
-    assert retry.params == victim.params and TrialRecord.load(retry).seed == TrialRecord.load(victim).seed
+    pack = TrialRecord.load(victim).pack_id  # the victim's pack (both trials) died with it, and runs again as one
+    killed = [t for t in trials if t.number == victim.number
+              or (pack is not None and TrialRecord.load(t).pack_id == pack and t.number < 2)]
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [t.number for t in killed]
+    for dead in killed:
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert retry.state in FINISHED and retry.params == dead.params
+        assert TrialRecord.load(retry).seed == TrialRecord.load(dead).seed
+        assert TrialRecord.load(retry).data_seed == TrialRecord.load(dead).data_seed
     assert sum(t.state in FINISHED for t in trials) == 2
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 

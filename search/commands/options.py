@@ -213,6 +213,19 @@ def add_storage_argument(parser: argparse.ArgumentParser) -> None:
                         help="prefix of the study names (default: none, a study per model)")
 
 
+def pack_argument(text: str) -> int | None:
+    """--pack: a number of trials per pack (at least 1), or auto (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pack takes a number of trials or auto, got {text!r}") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"--pack must be at least 1, got {size}")
+    return size
+
+
 def storage_url(args: argparse.Namespace) -> str:
     return args.storage or from_environment(STORAGE_ENV) or DEFAULT_STORAGE
 
@@ -231,6 +244,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-seed", type=int, default=None,
                         help="seed of the study's sampler; trial i gets seed study-seed + i (default 0)")
     parser.add_argument("--checkpoint-dir", type=Path, help="save each trial's last epoch; a re-run trial resumes there")
+    parser.add_argument("--pack", type=pack_argument, default=None, metavar="K|auto",
+                        help="train up to K trials of one shape as one stacked model (trial packs): auto (default) "
+                             "packs where it pays (small models; on a GPU as many as half its free memory holds), "
+                             "1 trains every trial alone")
     parser.add_argument("--heartbeat-interval", type=int, default=None, help="seconds between trial heartbeats (default 30)")
     parser.add_argument("--grace-period", type=int, default=None, help="seconds without heartbeat before a trial "
                                                                         "counts as dead (default 120)")
@@ -323,6 +340,7 @@ def search_request(args: argparse.Namespace) -> SearchRequest:
         warm_start=getattr(args, "warm_start", None),
         warm_start_k=getattr(args, "warm_start_k", 5),
         checkpoint_dir=args.checkpoint_dir,
+        pack=args.pack,
         heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period,
         gpus=getattr(args, "gpus", None),

@@ -194,8 +194,8 @@ def per_class_table(report: StudyReport) -> Table:
 
 
 def trials_table(report: StudyReport) -> Table:
-    """Each trial with its state and why it ended, so diverged, pruned and failed runs stay visible; a large study
-    lists `report.table_trials` (its notes say which)."""
+    """Each trial with its state and why it ended, so diverged, pruned and failed runs stay visible, and the trial
+    pack it trained in (its time is the pack's); a large study lists `report.table_trials` (its notes say which)."""
     rows = []
     requeued = report.requeued
     for t in report.table_trials:
@@ -204,5 +204,5 @@ def trials_table(report: StudyReport) -> Table:
         number = f"{t.number} (hand-found)" if record.reference else str(t.number)
         rows.append([number, state_name(t, requeued), percent(t.value) if t.value is not None else "-",
                      str(record.best_epoch or "-"), duration(trial_seconds(t, record)), trial_reason(t, record) or "-",
-                     searched])
-    return ["#", "state", "val acc", "best epoch", "time", "why it ended", "parameters"], rows
+                     f"#{record.pack_id} of {record.pack_size}" if record.pack_id is not None else "-", searched])
+    return ["#", "state", "val acc", "best epoch", "time", "why it ended", "pack", "parameters"], rows

@@ -62,6 +62,7 @@ class SearchRequest:
     warm_start: str | None = None
     warm_start_k: int = 5
     checkpoint_dir: Path | None = None
+    pack: int | None = None  # trials per pack; None: where it pays (search.pack.pack_size)
     heartbeat_interval: int | None = None
     grace_period: int | None = None
     gpus: str | None = None
@@ -237,6 +238,28 @@ def start_clock(request: SearchRequest, studies: list[optuna.Study], device_type
         "time to the next")
 
 
+def describe_packs(pack: int | None, studies: list[optuna.Study], device_type: str) -> str:
+    """How many trials each study's workers train as one stacked model (`--pack`), in one line."""
+    import torch
+
+    from search.pack import pack_size
+
+    sizes = []
+    for study in studies:
+        family = load_settings(study).model_family()
+        if pack == 1 or not family.pack_members:
+            size = "1"
+        elif pack is not None:
+            size = f"up to {pack}"
+        elif device_type == "cuda":
+            size = "as many as half the free GPU memory holds (at most 16)"
+        else:
+            size = str(pack_size(family, torch.device("cpu")))
+        sizes.append(f"{family.name} {size}")
+    how = "--pack" if pack is not None else "--pack auto, the default"
+    return f"trial packs ({how}; trials of one shape trained as one stacked model): {', '.join(sizes)}"
+
+
 def images_bytes(studies: list[optuna.Study]) -> int:
     """The most bytes of uint8 train images a worker holds for one study: images x 3 x side^2 at its largest size."""
     largest = 0
@@ -258,6 +281,7 @@ def worker_arguments(request: SearchRequest) -> list[str]:
                         ("--heartbeat-interval", request.heartbeat_interval), ("--grace-period", request.grace_period)):
         if value is not None:
             extra += [flag, str(value)]
+    extra += ["--pack", "auto" if request.pack is None else str(request.pack)]
     extra += [part for spec in request.track for part in ("--track", str(spec))]
     return extra
 
@@ -273,6 +297,8 @@ def search(request: SearchRequest, log: Log = _stderr) -> SearchOutcome:
     log(f"storage {redact(request.storage)}: studies {', '.join(s.study_name for s in studies)}")
     on_gpu = any(s.visible_gpu for s in slots) if slots else _cuda_available()
     start_clock(request, studies, "cuda" if on_gpu else "cpu", log)
+    if slots:
+        log(describe_packs(request.pack, studies, "cuda" if on_gpu else "cpu"))
     if not slots:
         log(f"studies created; start workers with: stl10-search worker --model {','.join(request.models)} "
             "--storage URL")
@@ -344,6 +370,7 @@ def run_worker(request: WorkerRequest, stop: threading.Event, log: Log) -> dict[
     try:
         with exclusive_worker(storage, names):  # a journal takes one worker at a time
             return work(storage, names, device, stop, data_overrides=request.host_data,
-                        checkpoint_dir=request.search.checkpoint_dir, log=log, trackers=trackers)
+                        checkpoint_dir=request.search.checkpoint_dir, log=log, trackers=trackers,
+                        pack=request.search.pack)
     finally:
         trackers.close()
