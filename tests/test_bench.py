@@ -140,7 +140,7 @@ def _link_distribution(name: str, folder: Path) -> None:
             (folder / top).symlink_to(Path(distribution(name).locate_file(top)))
 
 
-@pytest.mark.slow
+@pytest.mark.gpu_box
 def test_gpu_check_runs_with_only_torch_torchvision_and_the_wheels_its_header_lists(tiny_imagefolder, tmp_path):
     """As on a GPU box prepared by gpu-prep.sh: pytest needs Pygments, plotly narwhals; without them `pytest -m cuda`
     ran nothing, and `best` and `report` crashed."""
