@@ -79,14 +79,14 @@ class Launch:
 
 
 def search(workdir: Path, cache: Path, data_root: Path, model: str, trials: int, workers: int, launch: Launch,
-           params: list[str], pruner: str, image_size: int, timeout: float) -> float:
+           params: list[str], pruner: str, image_size: int, timeout: float, pack: str = "1") -> float:
     """`search` on a fresh SQLite storage in `workdir` (output in workdir/search.log, worker logs in
     workdir/logs/); returns its wall seconds."""
     workdir.mkdir(parents=True, exist_ok=True)
     arguments = ["search", "--model", model, "--n-trials", str(trials), *launch.arguments(workers),
                  "--dataset", "imagefolder", "--data-root", str(data_root), "--image-size", str(image_size),
                  "--pruner", pruner, "--cache-dir", str(cache), "--storage", f"sqlite:///{workdir}/studies.db",
-                 "--log-dir", str(workdir / "logs")]
+                 "--log-dir", str(workdir / "logs"), "--pack", pack]
     for p in params:
         arguments += ["--param", p]
     log_path = workdir / "search.log"
@@ -267,14 +267,14 @@ def throughput(args: argparse.Namespace, launch: Launch, data_root: Path, workdi
     params = fixed_params(args.model, args.epochs)
     where = f"GPU {launch.gpu}, workers per GPU" if launch.gpu is not None else "CPU, workers"
     print(f"Part 1: {args.model} at {args.image_size}px on {data_root.name}, {args.epochs} epoch(s), {args.trials} "
-          f"trials per run, no pruning, SQLite; {where}: {','.join(map(str, counts))}\n"
+          f"trials per run, no pruning, SQLite, --pack {args.pack}; {where}: {','.join(map(str, counts))}\n"
           f"  fixed: {' '.join(params)}; searched: lr, weight_decay, dropout", flush=True)
     rows, rates = [], []
     for workers in counts:
         run = workdir / f"workers-{workers}"
         with sampling(launch.gpu, args.sample_ms, run.parent / f"nvidia-smi-{workers}.csv") as sampler:
             wall = search(run, cache, data_root, args.model, args.trials, workers, launch, params, "none",
-                          args.image_size, args.timeout)
+                          args.image_size, args.timeout, args.pack)
         trials = finished_trials(run, args.model)
         rate = steady_rate(trials)
         rates.append(rate)
@@ -304,7 +304,7 @@ def pruning(args: argparse.Namespace, launch: Launch, workers: int, workdir: Pat
     for pruner in ("hyperband", "none"):
         run = workdir / f"prune-{pruner}"
         wall = search(run, cache, args.data_root, args.prune_model, args.prune_trials, workers, launch,
-                      [f"epochs={args.prune_epochs}"], pruner, 32, args.timeout)
+                      [f"epochs={args.prune_epochs}"], pruner, 32, args.timeout, args.pack)
         trials = finished_trials(run, args.prune_model)
         epochs = sum(len(TrialRecord.load(t).history) for t in trials)
         pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
@@ -339,6 +339,8 @@ def main() -> None:
     parser.add_argument("--prune-model", default="logreg", help="model of part 3 (default logreg)")
     parser.add_argument("--prune-epochs", type=int, default=10, help="epoch budget of part 3 (default 10)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one search may run before it is stopped")
+    parser.add_argument("--pack", default="1", help="the searches' --pack (default 1: every trial alone, so that parts 1 "
+                                                    "and 3 measure workers and storage; auto: trial packs)")
     parser.add_argument("--sample-ms", type=int, default=500, help="nvidia-smi sampling interval (default 500 ms)")
     parser.add_argument("--work-dir", type=Path,
                         help="keep every run's studies.db, search and worker logs here (default: a temporary folder)")

@@ -319,15 +319,31 @@ class StudyWork:
                       if name in leader.trial.params}
             sampler = self.study.sampler
             self.study.sampler = optuna.samplers.PartialFixedSampler(shared, sampler)
+            members: list[Running] = []
             try:
-                members = [Running(self.study.ask(), TrialRecord()) for _ in range(room)]
-                for member in members:
-                    member.record = TrialRecord(first_number=member.trial.number, pack_id=record.pack_id,
-                                                pack_size=record.pack_size, data_seed=record.data_seed)
-                    self._start_member(member, record)
+                with self._queued_again_on_error(members):
+                    for _ in range(room):  # one at a time: the constant liar then sees the members before it
+                        trial = self.study.ask()
+                        members.append(Running(trial, TrialRecord(first_number=trial.number, pack_id=record.pack_id,
+                                                                  pack_size=record.pack_size,
+                                                                  data_seed=record.data_seed)))
+                        self._start_member(members[-1], record)
             finally:
                 self.study.sampler = sampler
         return members
+
+    @contextlib.contextmanager
+    def _queued_again_on_error(self, members: list[Running]) -> Iterator[None]:
+        """Members asked for before an error (a storage fault, Ctrl-C) are queued again, not left running: they
+        have no heartbeat yet, so no other worker would ever find them stale."""
+        try:
+            yield
+        except BaseException:
+            for member in members:
+                with contextlib.suppress(Exception):
+                    _requeue(self.study, member.trial, member.record, "worker stopped while forming its pack; "
+                             "queued again")
+            raise
 
     def _start_member(self, member: Running, leader: TrialRecord) -> None:
         """Sample a follower (a failed check leaves its params None: it fails alone, before the pack runs); one
@@ -343,15 +359,16 @@ class StudyWork:
     def _queued_members(self, leader: Running, storage: optuna.storages.BaseStorage, study_id: int) -> list[Running]:
         """The waiting trials of the leader's pack, queued with it when that pack stopped, in their order."""
         members: list[Running] = []
-        with budget_lock(storage, self.study.study_name):
-            while True:
-                waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
-                if not waiting or TrialRecord.load(waiting[0]).pack_id != leader.record.pack_id:
-                    break
-                trial = self.study.ask()  # pops the first waiting trial
-                members.append(Running(trial, TrialRecord.load(trial).queued(trial.number)))
-        for member in members:
-            self._start_member(member, leader.record)
+        with self._queued_again_on_error(members):
+            with budget_lock(storage, self.study.study_name):
+                while True:
+                    waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+                    if not waiting or TrialRecord.load(waiting[0]).pack_id != leader.record.pack_id:
+                        break
+                    trial = self.study.ask()  # pops the first waiting trial
+                    members.append(Running(trial, TrialRecord.load(trial).queued(trial.number)))
+            for member in members:
+                self._start_member(member, leader.record)
         return members
 
     @staticmethod
