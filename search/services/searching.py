@@ -79,6 +79,8 @@ class SearchRequest:
         self.models = [get_family(name).name for name in self.models]  # an unknown name is a UserError
         if self.n_trials is not None and self.n_trials < 1:
             raise UserError(f"--n-trials must be at least 1, got {self.n_trials}")
+        if self.pack is not None and self.pack < 1:
+            raise UserError(f"--pack must be at least 1, got {self.pack}")
         for flag, value in (("--heartbeat-interval", self.heartbeat_interval), ("--grace-period", self.grace_period)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1 second, got {value}")
