@@ -170,3 +170,11 @@ def test_a_two_worker_search_of_packs_meets_its_budget_prunes_inside_packs_and_b
     result = BestResult.load(optuna.load_study(study_name="logreg", storage=open_storage(url)))
     assert result.trial == best.number and result.data_seed == TrialRecord.load(best).data_seed
     assert abs(result.retrained_val_accuracy - best.value) <= 0.01
+
+
+def test_the_python_api_refuses_a_pack_size_below_one_as_the_command_line_does() -> None:
+    from search.errors import UserError
+    from search.services.searching import SearchRequest
+
+    with pytest.raises(UserError, match="--pack must be at least 1"):
+        SearchRequest(models=["logreg"], pack=0)
