@@ -226,7 +226,8 @@ def test_a_killed_worker_s_trial_is_run_again_and_the_budget_stays_exact(tiny_se
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoints", [False, True], ids=["no-checkpoints", "checkpoints"])
+@pytest.mark.parametrize("checkpoints", [pytest.param(False, marks=pytest.mark.extended, id="no-checkpoints"),
+                                         pytest.param(True, id="checkpoints")])
 @pytest.mark.parametrize("kind_url", STORAGE_KINDS, indirect=True)
 def test_ctrl_c_mid_trial_queues_it_again_and_a_checkpoint_resumes_it(tiny_search, kind_url, checkpoints) -> None:
     import signal

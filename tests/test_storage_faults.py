@@ -309,7 +309,7 @@ def test_the_dashboard_serves_a_storage_on_a_read_only_mount(finished: dict, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["file", "folder"])
+@pytest.mark.parametrize("what", ["file", pytest.param("folder", marks=pytest.mark.extended)])
 def test_file_permissions_make_a_storage_read_only_too(finished: dict, tmp_path: Path, what: str) -> None:
     """No mount: a storage file (or its folder) without write permission, seen by a process they bind."""
     prefix = _without_root_powers()
