@@ -34,7 +34,7 @@ from data import DataError, ImageSet
 from models import count_trainable
 from search.errors import USER_ERRORS, StorageUnavailable
 from search.pack import Member, pack_size, run_pack
-from search.pack.size import stackable
+from search.pack.size import packable_model
 from search.pipeline import DataConfig, load_parts, place
 from search.space import suggest
 from search.storage import budget_lock
@@ -42,8 +42,8 @@ from search.provenance import provenance
 from search.records import TrialRecord
 from search.studies import DATA_ATTR, ENDED_ATTR, StudySettings, count_trials, deadline_of, load_for_work, trial_seed
 from search.trackers import Tracker, Trackers
-from search.trial import Checkpoint, Interrupted, run_trial, uses_feature_cache
-from search.training import Diverged, EpochMetrics, autocast_dtype
+from search.trial import Checkpoint, Interrupted, run_trial
+from search.training import Diverged, EpochMetrics
 
 POLL_SECONDS = 2.0
 MAX_CONSECUTIVE_FAILURES = 3
@@ -183,7 +183,7 @@ class StudyWork:
 
     def pack_size(self, params: dict[str, Any]) -> int:
         """How many members a pack led by `params` holds: `--pack`, or picked per shared setting (`pack_size`);
-        1 where the family cannot pack or the device computes in fp16 (see search.pack.run_pack)."""
+        1 where the family cannot pack or the device computes in fp16 (`packable_model`)."""
         if self.pack == 1 or not self.family.pack_members:
             return 1
         key = repr(sorted(self.family.pack_shared(params).items()))
@@ -192,17 +192,13 @@ class StudyWork:
             if size is None:
                 parts = self.parts(self.family.size_for(params, self.config.image_size))
                 size = pack_size(self.family, self.device, params, parts, self.config)
-            elif autocast_dtype(self.device) == torch.float16 or not self._stacks(params):
+            elif packable_model(self.family, self.device, params,
+                                self.family.size_for(params, self.config.image_size)) is None:
                 self.log(f"[{self.study.study_name}] {self.family.name} trains alone here: --pack {size} needs a "
-                         "network that stacks (no batch-norm-free shape change, see models.stacked) on bf16 or fp32")
+                         "network that stacks (see models.stacked) on a device computing in bf16 or fp32")
                 size = 1
             self._pack_sizes[key] = size
         return self._pack_sizes[key]
-
-    def _stacks(self, params: dict[str, Any]) -> bool:
-        model = self.family.create_model(params, image_size=self.family.size_for(params, self.config.image_size),
-                                         weights="none" if self.family.pretrained else None)
-        return stackable(model.head if uses_feature_cache(model) else model)
 
     def outcome(self, error: Exception, record: TrialRecord) -> Outcome:
         """What became of a trial that ended by `error` (not one of LEAVES_THE_STUDY)."""

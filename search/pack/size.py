@@ -33,21 +33,28 @@ def pack_size(family: Family, device: torch.device, params: dict[str, Any] | Non
               parts: dict[str, ImageSet] | None = None, config: DataConfig | None = None) -> int:
     """The automatic pack size for `family` on `device`; a GPU measures one member of `params` on `parts`."""
     params = family.resolve() if params is None else params
-    if not family.pack_members:
-        return 1
     size = parts["train"].images.shape[-1] if parts is not None else family.size_for(params)
-    model = family.create_model(params, image_size=size, weights="none" if family.pretrained else None)
-    if not stackable(model.head if uses_feature_cache(model) else model):
+    model = packable_model(family, device, params, size)
+    if model is None:
         return 1
     if device.type == "cuda":
-        if autocast_dtype(device) == torch.float16:
-            return 1  # see run_pack: no per-member loss scaling
         if parts is None or config is None:
             raise ValueError("on a GPU the pack size is measured: give params, parts and config")
         first, each = member_bytes(family, params, parts, config, device)
         free, _ = torch.cuda.mem_get_info(device)
         return fit_pack_size(free, first, each, MEMORY_SHARE, CUDA_MAX_PACK)
     return CPU_PACK_SIZE if cpu_pack_pays(model) else 1
+
+
+def packable_model(family: Family, device: torch.device, params: dict[str, Any], image_size: int
+                   ) -> nn.Module | None:
+    """The network of `params` (random weights) when members of its shape can train as a pack on `device`; None
+    when the family declares no pack members, its trained module does not stack, or the device computes in fp16
+    (see run_pack: no per-member loss scaling)."""
+    if not family.pack_members or autocast_dtype(device) == torch.float16:
+        return None
+    model = family.create_model(params, image_size=image_size, weights="none" if family.pretrained else None)
+    return model if stackable(model.head if uses_feature_cache(model) else model) else None
 
 
 def stackable(trained: nn.Module) -> bool:
@@ -92,4 +99,5 @@ def member_bytes(family: Family, params: dict[str, Any], parts: dict[str, ImageS
     return peaks[0], max(peaks[1] - peaks[0], 1)
 
 
-__all__ = ["CUDA_MAX_PACK", "MEMORY_SHARE", "cpu_pack_pays", "fit_pack_size", "member_bytes", "pack_size", "stackable"]
+__all__ = ["CUDA_MAX_PACK", "MEMORY_SHARE", "cpu_pack_pays", "fit_pack_size", "member_bytes", "pack_size",
+           "packable_model", "stackable"]
